@@ -1,0 +1,45 @@
+# Every target creates .venv itself when it is missing, so a fresh clone needs only `make demo`
+# and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEV    := $(VENV)/.dev-installed
+BENCHX := $(VENV)/.bench-installed
+BENCH  ?= quick
+
+.PHONY: demo test ui bench lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+$(BENCHX): pyproject.toml | $(DEV)
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	touch $@
+
+demo: $(DEV)
+	$(BIN)/memsafe demo
+
+test: $(DEV)
+	$(BIN)/python -m pytest -q
+
+ui: $(DEV)
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
+
+bench: $(BENCHX)
+	$(BIN)/python -m benchmarks.run --suite $(BENCH)
+
+lint: $(DEV)
+	$(BIN)/ruff check memsafe_dagster tests benchmarks
+	$(BIN)/ruff format --check memsafe_dagster tests benchmarks
+
+format: $(DEV)
+	$(BIN)/ruff check --fix memsafe_dagster tests benchmarks
+	$(BIN)/ruff format memsafe_dagster tests benchmarks
+
+clean:
+	rm -rf $(VENV) .memsafe_data .pytest_cache

@@ -1,0 +1,51 @@
+"""memsafe-dagster: Dagster asset runs that move Parquet data inside their memory budget.
+
+Names are imported lazily so ``memsafe status`` and the core layers start without importing
+Dagster; ``from memsafe_dagster import X`` works for every public name below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # memory
+    "MemoryMonitor": "memsafe_dagster.memory",
+    "MemoryPressureLevel": "memsafe_dagster.memory",
+    "MemoryPressureError": "memsafe_dagster.memory",
+    "MemoryLimits": "memsafe_dagster.memory",
+    "MemorySampler": "memsafe_dagster.memory",
+    "detect_memory_limits": "memsafe_dagster.memory",
+    "parse_memory_size": "memsafe_dagster.memory",
+    "psutil": "memsafe_dagster.memory",
+    # datasets
+    "ChunkStream": "memsafe_dagster.datasets",
+    "process_in_chunks": "memsafe_dagster.datasets",
+    "ChunkedParquetWriter": "memsafe_dagster.datasets",
+    "PyarrowDatasetIO": "memsafe_dagster.datasets",
+    "MergeResult": "memsafe_dagster.datasets",
+    # pipeline
+    "MemoryAwarePipeline": "memsafe_dagster.pipeline",
+    # dagster layer
+    "MemoryMonitorResource": "memsafe_dagster.resources",
+    "ChunkedParquetIOManager": "memsafe_dagster.io_managers",
+    "build_merge_asset": "memsafe_dagster.merge_asset",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memsafe_dagster' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

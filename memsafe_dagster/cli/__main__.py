@@ -1,0 +1,5 @@
+import sys
+
+from memsafe_dagster.cli import main
+
+sys.exit(main())
