@@ -6,6 +6,7 @@ OOM killer, exit 137), and how a user can try a job under the budget of the pod 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -102,10 +103,8 @@ class MemoryCap:
 
     def kill_all(self) -> None:
         for pid in self.pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def peak_bytes(self) -> int | None:
         """The cgroup's usage high-water mark (includes page cache the kernel could reclaim)."""
@@ -213,7 +212,11 @@ def run_measured(
             _kill_group(proc.pid)
         out.seek(0)
         err.seek(0)
-        oom = cap.oom_kills() > 0 if cap is not None else False
+        # The OOM killer's count is authoritative; SIGKILL inside a cap without a timeout is
+        # the same verdict on kernels that do not count.
+        oom = cap is not None and (
+            cap.oom_kills() > 0 or (proc.returncode == -signal.SIGKILL and not timed_out)
+        )
         return CappedRun(
             returncode=proc.returncode,
             oom_killed=oom
@@ -228,7 +231,5 @@ def run_measured(
 
 
 def _kill_group(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

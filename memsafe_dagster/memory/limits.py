@@ -284,9 +284,12 @@ def _cgroup_limits(
         # outside this mount namespace.
         stat = _read_stat(Path(cgroup_path) / "memory.stat")
         hierarchical = stat.get("hierarchical_memory_limit")
-        if hierarchical is not None and hierarchical < _UNLIMITED_THRESHOLD:
-            if all(hierarchical < c.limit_bytes for c in limits):
-                limits.append(CgroupLimit(f"{cgroup_path} (hierarchical)", hierarchical))
+        if (
+            hierarchical is not None
+            and hierarchical < _UNLIMITED_THRESHOLD
+            and all(hierarchical < c.limit_bytes for c in limits)
+        ):
+            limits.append(CgroupLimit(f"{cgroup_path} (hierarchical)", hierarchical))
     return tuple(limits)
 
 
