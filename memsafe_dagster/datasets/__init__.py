@@ -1,0 +1,39 @@
+"""Streaming, writing and merging Parquet datasets in bounded memory; no Dagster imports.
+
+Names are imported lazily (``from memsafe_dagster.datasets import X`` works for each).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "ChunkStream": "memsafe_dagster.datasets.stream",
+    "ChunkStats": "memsafe_dagster.datasets.stream",
+    "AdaptiveChunkSizer": "memsafe_dagster.datasets.adaptive",
+    "process_in_chunks": "memsafe_dagster.datasets.chunks",
+    "ChunkedParquetWriter": "memsafe_dagster.datasets.writer",
+    "PyarrowDatasetIO": "memsafe_dagster.datasets.io",
+    "MergeResult": "memsafe_dagster.datasets.merge",
+    "merge_dataset": "memsafe_dagster.datasets.merge",
+    "DatasetTransaction": "memsafe_dagster.datasets.commit",
+    "DatasetLockedError": "memsafe_dagster.datasets.commit",
+    "RecoveryReport": "memsafe_dagster.datasets.commit",
+    "recover": "memsafe_dagster.datasets.commit",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memsafe_dagster.datasets' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

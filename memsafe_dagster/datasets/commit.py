@@ -1,0 +1,491 @@
+"""Crash-safe commits to a Parquet dataset directory, and the lock that keeps writers apart.
+
+Protocol (state lives under ``<target>/_memsafe/``, which every reader skips):
+
+1. take the lock (``_memsafe/lock``), then ``recover`` whatever an earlier writer left;
+2. stage new files under ``_memsafe/staging/<txn>/``;
+3. write the commit record ``_memsafe/commits/<txn>.json`` atomically (temp file + rename):
+   its existence is the commit point;
+4. apply it: move staged files to their final names, delete the files it replaces;
+5. delete the record and the staging directory, release the lock.
+
+A crash before step 3 leaves only staging, which recovery deletes: the dataset is as before.
+A crash after it leaves a record, which recovery applies again (every step is idempotent):
+the dataset is as after. Final names are always new (``part-<txn>-NNNNN.parquet``), so a
+replayed move can never clobber live data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from memsafe_dagster.datasets.filesystem import is_local, join
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "_memsafe"
+RECORD_VERSION = 1
+
+
+class DatasetLockedError(RuntimeError):
+    """Another writer holds the dataset's lock; the message names it and what to do."""
+
+
+class CommitError(RuntimeError):
+    """A commit record cannot be applied (its files are gone); the dataset needs a human."""
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """The files one transaction adds (staged -> final) and removes, relative to the target."""
+
+    txn: str
+    operation: str
+    add: tuple[tuple[str, str], ...]
+    remove: tuple[str, ...]
+    created_at: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "version": RECORD_VERSION,
+                "txn": self.txn,
+                "operation": self.operation,
+                "created_at": self.created_at,
+                "add": [{"staged": s, "path": p} for s, p in self.add],
+                "remove": list(self.remove),
+                "info": self.info,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> CommitRecord:
+        try:
+            doc = json.loads(data)
+            return cls(
+                txn=doc["txn"],
+                operation=doc["operation"],
+                add=tuple((a["staged"], a["path"]) for a in doc["add"]),
+                remove=tuple(doc["remove"]),
+                created_at=float(doc["created_at"]),
+                info=dict(doc.get("info") or {}),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CommitError(f"commit record {where} is unreadable: {exc}") from exc
+
+
+@dataclass
+class RecoveryReport:
+    """What ``recover`` did: commits rolled forward, orphaned staging removed, lock broken."""
+
+    rolled_forward: list[str] = field(default_factory=list)
+    orphans_removed: list[str] = field(default_factory=list)
+    lock_broken: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rolled_forward or self.orphans_removed or self.lock_broken)
+
+
+# -- the lock ---------------------------------------------------------------------------------
+
+
+def _process_start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is the state; a zombie is as dead as a missing process.
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    if holder.get("unreadable"):
+        # Empty or torn: either a writer is between create and write (alive), or one was
+        # killed there. Only age tells them apart.
+        return time.time() - holder.get("mtime", 0.0) < 10.0
+    if holder.get("host") != socket.gethostname():
+        return True  # cannot tell for another machine: assume it is alive
+    pid = int(holder.get("pid", -1))
+    started = _process_start_time(pid)
+    if started is not None:
+        return holder.get("started") in (None, started)  # a reused PID is not the holder
+    if os.path.exists("/proc/self/stat"):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DatasetLock:
+    """An exclusive lock file ``<target>/_memsafe/lock``.
+
+    A second writer waits up to ``timeout_s`` and then gets ``DatasetLockedError`` naming the
+    holder. A lock left by a dead process on this host (``kill -9``, OOM kill) is broken
+    automatically. On object stores the lock is best-effort (write, then read back the token).
+    """
+
+    def __init__(
+        self, fs: fsspec.AbstractFileSystem, target: str, *, timeout_s: float = 30.0
+    ) -> None:
+        self.fs = fs
+        self.target = target
+        self.path = join(target, STATE_DIR, "lock")
+        self.timeout_s = timeout_s
+        self.token = uuid.uuid4().hex
+        self.held = False
+        self.broke_stale = False
+
+    def _payload(self) -> bytes:
+        pid = os.getpid()
+        return json.dumps(
+            {
+                "token": self.token,
+                "pid": pid,
+                "host": socket.gethostname(),
+                "started": _process_start_time(pid),
+                "acquired_at": time.time(),
+            }
+        ).encode()
+
+    def _try_create(self) -> bool:
+        self.fs.makedirs(join(self.target, STATE_DIR), exist_ok=True)
+        if is_local(self.fs):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self._payload())
+            return True
+        if self.fs.exists(self.path):
+            return False
+        self.fs.pipe_file(self.path, self._payload())
+        return self._read_holder().get("token") == self.token
+
+    def _read_holder(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            try:
+                mtime = self.fs.modified(self.path).timestamp()
+            except (FileNotFoundError, NotImplementedError, AttributeError):
+                mtime = 0.0
+            return {"unreadable": True, "mtime": mtime}
+
+    def acquire(self) -> DatasetLock:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self._try_create():
+                self.held = True
+                return self
+            holder = self._read_holder()
+            if holder and not _holder_alive(holder):
+                log.warning(
+                    "breaking stale lock on %s held by dead pid %s", self.target, holder.get("pid")
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self.path)
+                self.broke_stale = True
+                continue
+            if time.monotonic() >= deadline:
+                raise DatasetLockedError(_locked_message(self.target, holder, self.timeout_s))
+            time.sleep(0.05)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self._read_holder().get("token") == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path)
+
+    def __enter__(self) -> DatasetLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _locked_message(target: str, holder: dict[str, Any], waited: float) -> str:
+    since = holder.get("acquired_at")
+    age = f", for {time.time() - since:.0f}s" if isinstance(since, (int, float)) else ""
+    return (
+        f"dataset {target} is locked by another writer (pid {holder.get('pid')} on "
+        f"{holder.get('host')}{age}); waited {waited:.0f}s. Two writers never interleave: retry "
+        f"later, or if that process is gone for good run `memsafe recover {target} --break-lock`."
+    )
+
+
+# -- transactions -----------------------------------------------------------------------------
+
+
+class DatasetTransaction:
+    """Stage files, then commit them atomically (see the module docstring for the protocol).
+
+    ``with DatasetTransaction(fs, target, operation="merge") as txn:`` takes the lock and
+    recovers; ``txn.new_file()`` returns a staging path to write a new data file to;
+    ``txn.remove(path)`` marks a live file for removal; ``txn.commit()`` publishes. Leaving the
+    block without committing (an exception, a MemoryPressureError) discards the staging and
+    leaves the target byte-for-byte unchanged.
+    """
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        target: str,
+        *,
+        operation: str,
+        lock_timeout_s: float = 30.0,
+        durable: bool = False,
+    ) -> None:
+        self.fs = fs
+        self.target = target.rstrip("/")
+        self.operation = operation
+        self.durable = durable
+        self.lock = DatasetLock(fs, self.target, timeout_s=lock_timeout_s)
+        self.txn = new_txn_id()
+        self.staging = join(self.target, STATE_DIR, "staging", self.txn)
+        self.recovery: RecoveryReport | None = None
+        self._adds: list[tuple[str, str]] = []
+        self._removes: list[str] = []
+        self._committed: CommitRecord | None = None
+
+    def __enter__(self) -> DatasetTransaction:
+        self.lock.acquire()
+        try:
+            self.recovery = _recover_locked(self.fs, self.target)
+            self.recovery.lock_broken = self.lock.broke_stale
+            self.fs.makedirs(self.staging, exist_ok=True)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if self._committed is None:
+                _remove_tree(self.fs, self.staging)
+        finally:
+            self.lock.release()
+
+    def new_file(self, relative_path: str | None = None, *, prefix: str = "part") -> str:
+        """A staging path for a new data file; ``relative_path`` (inside the target) is its
+        final name, by default a fresh ``<prefix>-<txn>-NNNNN.parquet``."""
+        final = relative_path or f"{prefix}-{self.txn}-{len(self._adds):05d}.parquet"
+        final = final.strip("/")
+        staged_rel = f"{STATE_DIR}/staging/{self.txn}/{final}"
+        self._adds.append((staged_rel, final))
+        staged = join(self.target, staged_rel)
+        parent = staged.rsplit("/", 1)[0]
+        if parent != self.staging:
+            self.fs.makedirs(parent, exist_ok=True)
+        return staged
+
+    def discard_file(self, staged_path: str) -> None:
+        """Forget a staged file (e.g. a writer produced nothing for it) and delete it."""
+        rel = staged_path[len(self.target) :].lstrip("/")
+        self._adds = [(s, p) for s, p in self._adds if s != rel]
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(staged_path)
+
+    def remove(self, path: str) -> None:
+        """Mark a live data file (absolute, or relative to the target) for removal."""
+        rel = path[len(self.target) :].lstrip("/") if path.startswith(self.target) else path
+        self._removes.append(rel.strip("/"))
+
+    @property
+    def added(self) -> list[str]:
+        """Final paths (absolute) of the files this transaction adds."""
+        return [join(self.target, p) for _, p in self._adds]
+
+    def commit(self, info: dict[str, Any] | None = None) -> CommitRecord:
+        """Write the commit record (the point of no return) and apply it."""
+        if self._committed is not None:
+            raise RuntimeError("transaction already committed")
+        record = CommitRecord(
+            txn=self.txn,
+            operation=self.operation,
+            add=tuple(self._adds),
+            remove=tuple(self._removes),
+            created_at=time.time(),
+            info=dict(info or {}),
+        )
+        if self.durable and is_local(self.fs):
+            for staged, _ in record.add:
+                _fsync_file(join(self.target, staged))
+        _write_record(self.fs, self.target, record, durable=self.durable)
+        self._committed = record
+        _apply(self.fs, self.target, record)
+        return record
+
+
+@contextlib.contextmanager
+def transaction(
+    fs: fsspec.AbstractFileSystem, target: str, *, operation: str, lock_timeout_s: float = 30.0
+) -> Iterator[DatasetTransaction]:
+    """``DatasetTransaction`` as a plain context manager function."""
+    with DatasetTransaction(fs, target, operation=operation, lock_timeout_s=lock_timeout_s) as t:
+        yield t
+
+
+def recover(
+    fs: fsspec.AbstractFileSystem,
+    target: str,
+    *,
+    break_lock: bool = False,
+    lock_timeout_s: float = 30.0,
+) -> RecoveryReport:
+    """Roll half-applied commits forward and delete orphaned staging, under the lock.
+
+    ``break_lock`` removes a lock held by a process that is gone for good (on another host,
+    where liveness cannot be checked); use it only when no writer runs.
+    """
+    target = target.rstrip("/")
+    lock = DatasetLock(fs, target, timeout_s=lock_timeout_s)
+    broken = False
+    if break_lock and fs.exists(lock.path):
+        fs.rm_file(lock.path)
+        broken = True
+    if not fs.exists(join(target, STATE_DIR)):
+        return RecoveryReport(lock_broken=broken)
+    with lock:
+        report = _recover_locked(fs, target)
+    report.lock_broken = broken or lock.broke_stale
+    return report
+
+
+def pending_commits(fs: fsspec.AbstractFileSystem, target: str) -> list[str]:
+    """Transaction ids of commit records not yet applied (a crashed writer left them)."""
+    commits = join(target.rstrip("/"), STATE_DIR, "commits")
+    if not fs.exists(commits):
+        return []
+    return sorted(
+        p.rsplit("/", 1)[-1][: -len(".json")]
+        for p in fs.ls(commits, detail=False)
+        if p.endswith(".json")
+    )
+
+
+def new_txn_id() -> str:
+    """A sortable, readable transaction id: UTC time to the millisecond plus 8 random hex."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{stamp}{int(now * 1000) % 1000:03d}-{uuid.uuid4().hex[:8]}"
+
+
+# -- internals --------------------------------------------------------------------------------
+
+
+def _record_path(target: str, txn: str) -> str:
+    return join(target, STATE_DIR, "commits", f"{txn}.json")
+
+
+def _write_record(
+    fs: fsspec.AbstractFileSystem, target: str, record: CommitRecord, *, durable: bool
+) -> None:
+    final = _record_path(target, record.txn)
+    temp = final + ".tmp"
+    fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+    if is_local(fs):
+        with open(temp, "wb") as fh:
+            fh.write(record.to_json())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(temp, final)  # atomic on POSIX: the record exists whole or not at all
+        if durable:
+            _fsync_dir(os.path.dirname(final))
+    else:
+        # Object stores publish a single PUT atomically.
+        fs.pipe_file(final, record.to_json())
+
+
+def _apply(fs: fsspec.AbstractFileSystem, target: str, record: CommitRecord) -> None:
+    """Apply ``record``; safe to repeat after a crash at any point."""
+    replaced = {path for _, path in record.add}
+    for staged_rel, final_rel in record.add:
+        staged, final = join(target, staged_rel), join(target, final_rel)
+        if fs.exists(staged):
+            parent = final.rsplit("/", 1)[0]
+            if parent != target:
+                fs.makedirs(parent, exist_ok=True)
+            if is_local(fs):
+                os.replace(staged, final)
+            else:
+                fs.mv(staged, final)
+        elif not fs.exists(final):
+            raise CommitError(
+                f"commit {record.txn} on {target}: staged file {staged_rel} and its final "
+                f"name {final_rel} are both missing; the dataset needs manual repair"
+            )
+    for final_rel in record.remove:
+        if final_rel in replaced:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(join(target, final_rel))
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(_record_path(target, record.txn))
+    _remove_tree(fs, join(target, STATE_DIR, "staging", record.txn))
+
+
+def _recover_locked(fs: fsspec.AbstractFileSystem, target: str) -> RecoveryReport:
+    report = RecoveryReport()
+    state = join(target, STATE_DIR)
+    if not fs.exists(state):
+        return report
+    commits = join(state, "commits")
+    if fs.exists(commits):
+        for path in sorted(fs.ls(commits, detail=False)):
+            if path.endswith(".json"):
+                record = CommitRecord.from_json(fs.cat_file(path), path)
+                log.warning("rolling forward commit %s on %s", record.txn, target)
+                _apply(fs, target, record)
+                report.rolled_forward.append(record.txn)
+            elif path.endswith(".tmp"):
+                fs.rm_file(path)  # a record that never became a commit
+    staging = join(state, "staging")
+    if fs.exists(staging):
+        for path in fs.ls(staging, detail=False):
+            _remove_tree(fs, path)
+            report.orphans_removed.append(path.rsplit("/", 1)[-1])
+    return report
+
+
+def _remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        _fsync_file(path)
