@@ -1,0 +1,1 @@
+"""Benchmarks of memsafe-dagster against its peers; run with ``python -m benchmarks.run``."""

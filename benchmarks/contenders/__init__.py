@@ -1,0 +1,1 @@
+"""Upsert contenders, each runnable as ``python -m benchmarks.contenders.<name>``."""
