@@ -28,10 +28,15 @@ _UNLIMITED_THRESHOLD = 1 << 60
 
 @dataclass(frozen=True)
 class CgroupLimit:
-    """One cgroup on this process's path that sets a memory limit."""
+    """One cgroup on this process's path that sets a memory limit.
+
+    ``hierarchical`` marks a v1 limit known only from the leaf's ``hierarchical_memory_limit``
+    (its ancestor is outside this mount namespace), whose usage is read at ``path``.
+    """
 
     path: str
     limit_bytes: int
+    hierarchical: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,37 +70,45 @@ class MemoryLimits:
 
     def host_available_bytes(self) -> int | None:
         """What the host kernel reports as available (MemAvailable)."""
-        meminfo = _read_meminfo(self.root)
-        if "MemAvailable" in meminfo:
-            return meminfo["MemAvailable"]
+        value = _stat_value(_read_bytes(_under(self.root, "/proc/meminfo")), b"MemAvailable:")
+        if value is not None:
+            return value * 1024
         if psutil is not None and self.root == "/":
             return int(psutil.virtual_memory().available)
         return None
 
     def available_bytes(self, process_rss_bytes: int | None = None) -> int:
-        """What this process's container may still allocate before the binding limit.
+        """What this process's container may still allocate before the binding limit."""
+        return self.usage(process_rss_bytes)[1]
 
-        Under a cgroup limit it is the limit minus the working set, taken at every limited
-        ancestor (siblings share an ancestor's budget) and never more than the host has free.
-        Under an env limit without a cgroup limit, usage is the cgroup's working set when the
-        process sits in a non-root cgroup, else the process's own RSS.
+    def usage(self, process_rss_bytes: int | None = None) -> tuple[int | None, int]:
+        """(working set, available bytes) in one pass over the cgroup files.
+
+        Under a cgroup limit, available is the limit minus the working set, taken at every
+        limited ancestor (siblings share an ancestor's budget) and never more than the host has
+        free. Under an env limit, usage is the cgroup's working set when the process sits in a
+        non-root cgroup, else the process's own RSS.
         """
+        working_set = self.working_set_bytes()
         candidates: list[int] = []
         host = self.host_available_bytes()
         if host is not None:
             candidates.append(host)
         for limited in self.cgroup_limits:
-            used = _working_set(limited.path, self.cgroup_version)
+            if limited.path == self.cgroup_path:
+                used = working_set
+            else:
+                used = _working_set(limited.path, self.cgroup_version)
             if used is not None:
                 candidates.append(limited.limit_bytes - used)
         if self.source.startswith("env:"):
-            used = self.working_set_bytes() if self._in_child_cgroup() else None
+            used = working_set if self._in_child_cgroup() else None
             if used is None:
                 used = process_rss_bytes if process_rss_bytes is not None else 0
             candidates.append(self.limit_bytes - used)
         if not candidates:
-            return self.limit_bytes - (process_rss_bytes or 0)
-        return max(0, min(candidates))
+            candidates.append(self.limit_bytes - (process_rss_bytes or 0))
+        return working_set, max(0, min(candidates))
 
     def _in_child_cgroup(self) -> bool:
         return self.cgroup_path is not None and self.cgroup_path != self.cgroup_mount
@@ -177,9 +190,9 @@ def _env_limits(env: Mapping[str, str]) -> dict[str, int]:
 
 
 def _physical_bytes(root: str) -> int:
-    total = _read_meminfo(root).get("MemTotal")
-    if total:
-        return total
+    total_kb = _stat_value(_read_bytes(_under(root, "/proc/meminfo")), b"MemTotal:")
+    if total_kb:
+        return total_kb * 1024
     if psutil is not None:
         return int(psutil.virtual_memory().total)
     try:
@@ -187,18 +200,6 @@ def _physical_bytes(root: str) -> int:
     except (ValueError, OSError, AttributeError):
         log.debug("physical memory unknown; assuming 4 GiB")
         return 4 * 1024**3
-
-
-def _read_meminfo(root: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    text = _read_text(_under(root, "/proc/meminfo"))
-    for line in (text or "").splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            scale = 1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1
-            out[key.strip()] = int(parts[0]) * scale
-    return out
 
 
 def _locate_memory_cgroup(root: str) -> tuple[int | None, str | None, str | None]:
@@ -289,7 +290,7 @@ def _cgroup_limits(
             and hierarchical < _UNLIMITED_THRESHOLD
             and all(hierarchical < c.limit_bytes for c in limits)
         ):
-            limits.append(CgroupLimit(f"{cgroup_path} (hierarchical)", hierarchical))
+            limits.append(CgroupLimit(cgroup_path, hierarchical, hierarchical=True))
     return tuple(limits)
 
 
@@ -311,20 +312,47 @@ def _read_limit(path: Path) -> int | None:
 
 
 def _working_set(cgroup_path: str, version: int | None) -> int | None:
-    base = Path(cgroup_path)
-    usage_text = _read_text(
-        str(base / ("memory.current" if version == 2 else "memory.usage_in_bytes"))
-    )
+    # Called on every pressure check: raw bytes and a targeted lookup, no full parse.
+    usage_name = "memory.current" if version == 2 else "memory.usage_in_bytes"
+    raw = _read_bytes(f"{cgroup_path}/{usage_name}")
     try:
-        usage = int(usage_text.strip()) if usage_text else None
+        usage = int(raw) if raw else None
     except ValueError:
-        log.debug("skipping malformed usage in %s", base)
+        log.debug("skipping malformed usage in %s", cgroup_path)
         return None
     if usage is None:
         return None
-    stat = _read_stat(base / "memory.stat")
-    inactive = stat.get("inactive_file" if version == 2 else "total_inactive_file", 0)
+    key = b"inactive_file" if version == 2 else b"total_inactive_file"
+    inactive = _stat_value(_read_bytes(f"{cgroup_path}/memory.stat"), key) or 0
     return max(0, usage - inactive)
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 1 << 16)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _stat_value(data: bytes | None, key: bytes) -> int | None:
+    """The integer after ``key`` at the start of a line of ``data`` (memory.stat, meminfo)."""
+    if not data:
+        return None
+    at = 0 if data.startswith(key) else data.find(b"\n" + key) + 1
+    if at == 0 and not data.startswith(key):
+        return None
+    end = data.find(b"\n", at)
+    fields = data[at + len(key) : end if end >= 0 else None].split()
+    try:
+        return int(fields[0])
+    except (IndexError, ValueError):
+        return None
 
 
 def _read_stat(path: Path) -> dict[str, int]:

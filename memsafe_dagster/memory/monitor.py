@@ -133,11 +133,12 @@ class MemoryMonitor:
     def read(self) -> MemoryReading:
         """Take one snapshot of the signals without classifying it."""
         rss = current_rss_bytes()
+        working_set, available = self.limits.usage(rss)
         return MemoryReading(
             pyarrow_bytes=pa.total_allocated_bytes(),
             rss_bytes=rss,
-            available_bytes=self.limits.available_bytes(rss),
-            working_set_bytes=self.limits.working_set_bytes(),
+            available_bytes=available,
+            working_set_bytes=working_set,
             at=time.monotonic(),
         )
 
