@@ -1,0 +1,269 @@
+"""The memsafe metadata keys, and the one place that turns memory, stream and merge results into
+Dagster metadata and into the ``memsafe: memory pressure EMERGENCY`` Failure.
+
+Every asset, IO manager and merge asset emits the same names, so the Dagster UI plots them
+over time (DESIGN.md, "Metadata keys").
+"""
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+
+from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel, MemoryReading
+from memsafe_dagster.memory.sizes import MiB
+
+PRESSURE = "memsafe/pressure"
+PEAK_RSS_MB = "memsafe/peak_rss_mb"
+PEAK_PYARROW_MB = "memsafe/peak_pyarrow_mb"
+LIMIT_MB = "memsafe/limit_mb"
+LIMIT_SOURCE = "memsafe/limit_source"
+HEADROOM_MB = "memsafe/headroom_mb"
+CHUNKS = "memsafe/chunks"
+MERGE = "memsafe/merge"
+INSERTED = "memsafe/inserted"
+UPDATED = "memsafe/updated"
+DELETED = "memsafe/deleted"
+ROW_COUNT = "dagster/row_count"
+PARTITION_ROW_COUNT = "dagster/partition_row_count"
+COLUMN_SCHEMA = "dagster/column_schema"
+PATH = "path"
+
+# Beyond DESIGN.md's table: what the step ran with, so a retry's smaller chunk is visible.
+CHUNK_SIZE_ROWS = "memsafe/chunk_size_rows"
+RETRY_NUMBER = "memsafe/retry_number"
+STAGE = "memsafe/stage"
+DETAIL = "memsafe/detail"
+CURRENT_RSS_MB = "memsafe/rss_mb"
+BUDGETS = "memsafe/budgets"
+
+#: The keys every memory figure set carries (DESIGN.md's table, memory rows).
+MEMORY_KEYS = (PRESSURE, PEAK_RSS_MB, PEAK_PYARROW_MB, LIMIT_MB, LIMIT_SOURCE, HEADROOM_MB)
+
+FAILURE_PREFIX = "memsafe: memory pressure EMERGENCY"
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """Peaks, worst level and the binding limit of one window (a step, a block, a merge)."""
+
+    pressure: MemoryPressureLevel
+    peak_rss_bytes: int
+    peak_pyarrow_bytes: int
+    limit_bytes: int
+    limit_source: str
+
+    @classmethod
+    def from_monitor(
+        cls, monitor: MemoryMonitor, level: MemoryPressureLevel | None = None
+    ) -> "MemoryFigures":
+        """The monitor's peaks and worst level since its last reset (``level`` folds in a
+        level seen outside the monitor, e.g. by a stream's sizer)."""
+        pressure = monitor.max_pressure if level is None else max(monitor.max_pressure, level)
+        return cls(
+            pressure=pressure,
+            peak_rss_bytes=monitor.peak_rss_bytes,
+            peak_pyarrow_bytes=monitor.peak_pyarrow_bytes,
+            limit_bytes=monitor.limits.limit_bytes,
+            limit_source=monitor.limits.source,
+        )
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return self.peak_rss_bytes / MiB
+
+    @property
+    def peak_pyarrow_mb(self) -> float:
+        return self.peak_pyarrow_bytes / MiB
+
+    @property
+    def limit_mb(self) -> float:
+        return self.limit_bytes / MiB
+
+    @property
+    def headroom_mb(self) -> float:
+        """The effective limit minus the peak RSS (negative when the peak went over)."""
+        return (self.limit_bytes - self.peak_rss_bytes) / MiB
+
+
+def memory_metadata(
+    figures: MemoryFigures | MemoryMonitor, *, chunks: int | None = None
+) -> dict[str, dg.MetadataValue]:
+    """The memsafe/* memory entries (pressure, peaks, limit, source, headroom[, chunks])."""
+    if isinstance(figures, MemoryMonitor):
+        figures = MemoryFigures.from_monitor(figures)
+    out: dict[str, dg.MetadataValue] = {
+        PRESSURE: dg.MetadataValue.text(figures.pressure.value),
+        PEAK_RSS_MB: dg.MetadataValue.float(round(figures.peak_rss_mb, 2)),
+        PEAK_PYARROW_MB: dg.MetadataValue.float(round(figures.peak_pyarrow_mb, 2)),
+        LIMIT_MB: dg.MetadataValue.float(round(figures.limit_mb, 2)),
+        LIMIT_SOURCE: dg.MetadataValue.text(figures.limit_source),
+        HEADROOM_MB: dg.MetadataValue.float(round(figures.headroom_mb, 2)),
+    }
+    if chunks is not None:
+        out[CHUNKS] = dg.MetadataValue.int(int(chunks))
+    return out
+
+
+def budgets_metadata(monitor: MemoryMonitor) -> dict[str, dg.MetadataValue]:
+    """The budgets the monitor classifies against, as one JSON entry."""
+    return {
+        BUDGETS: dg.MetadataValue.json(
+            {
+                "max_pyarrow_mb": monitor.max_pyarrow_mb,
+                "max_process_memory_mb": monitor.max_process_memory_mb,
+                "min_system_available_mb": monitor.min_system_available_mb,
+            }
+        )
+    }
+
+
+def column_schema(schema: pa.Schema) -> dg.TableSchema:
+    """A Dagster ``TableSchema`` for an Arrow schema (type names as Arrow prints them)."""
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                name=field.name,
+                type=str(field.type),
+                constraints=dg.TableColumnConstraints(nullable=field.nullable),
+            )
+            for field in schema
+        ]
+    )
+
+
+def table_metadata(
+    schema: pa.Schema, row_count: int, *, partitioned: bool = False
+) -> dict[str, dg.MetadataValue]:
+    """``dagster/row_count`` and ``dagster/column_schema`` (plus ``dagster/partition_row_count``
+    for one partition: its rows are what this materialization wrote)."""
+    out: dict[str, dg.MetadataValue] = {
+        ROW_COUNT: dg.MetadataValue.int(int(row_count)),
+        COLUMN_SCHEMA: dg.MetadataValue.table_schema(column_schema(schema)),
+    }
+    if partitioned:
+        out[PARTITION_ROW_COUNT] = dg.MetadataValue.int(int(row_count))
+    return out
+
+
+def stream_metadata(stats: Any) -> dict[str, dg.MetadataValue]:
+    """Chunk figures of a ``ChunkStream``'s ``stats``: chunks streamed and chunk sizes used."""
+    out: dict[str, dg.MetadataValue] = {CHUNKS: dg.MetadataValue.int(int(stats.chunks))}
+    if stats.max_chunk_size_rows is not None:
+        out["memsafe/chunk_size_rows_min"] = dg.MetadataValue.int(int(stats.min_chunk_size_rows))
+        out["memsafe/chunk_size_rows_max"] = dg.MetadataValue.int(int(stats.max_chunk_size_rows))
+    out["memsafe/chunk_resizes"] = dg.MetadataValue.int(int(stats.resizes))
+    return out
+
+
+def merge_metadata(
+    result: Any, monitor: MemoryMonitor | None = None
+) -> dict[str, dg.MetadataValue]:
+    """A ``MergeResult`` as metadata: the whole result as JSON, the three counts, its memory
+    figures (limit and source from ``monitor`` when given, else detected now)."""
+    from memsafe_dagster.memory import detect_memory_limits
+
+    as_dict = _json_ready(result.to_dict())
+    out: dict[str, dg.MetadataValue] = {
+        MERGE: dg.MetadataValue.json(as_dict),
+        INSERTED: dg.MetadataValue.int(int(result.inserted)),
+        UPDATED: dg.MetadataValue.int(int(result.updated)),
+        DELETED: dg.MetadataValue.int(int(result.deleted)),
+    }
+    limits = monitor.limits if monitor is not None else detect_memory_limits()
+    figures = MemoryFigures(
+        pressure=MemoryPressureLevel.parse(result.max_pressure),
+        peak_rss_bytes=int(float(result.peak_rss_mb) * MiB),
+        peak_pyarrow_bytes=int(float(result.peak_pyarrow_mb) * MiB),
+        limit_bytes=limits.limit_bytes,
+        limit_source=limits.source,
+    )
+    out.update(memory_metadata(figures))
+    return out
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with enums and other non-JSON leaves turned into strings."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, MemoryPressureLevel):
+        return value.value
+    return str(value)
+
+
+# -- the EMERGENCY failure -------------------------------------------------------------------
+
+
+def breaches(monitor: MemoryMonitor, reading: MemoryReading) -> list[str]:
+    """Which signals of ``reading`` are at EMERGENCY, each as readable text with its budget."""
+    found = []
+    pyarrow_mb = reading.pyarrow_bytes / MiB
+    if monitor.max_pyarrow_mb and pyarrow_mb >= monitor.max_pyarrow_mb:
+        found.append(
+            f"PyArrow allocation {pyarrow_mb:.1f} MB >= max_pyarrow_mb {monitor.max_pyarrow_mb:g}"
+        )
+    rss_mb = reading.rss_bytes / MiB
+    if monitor.max_process_memory_mb and rss_mb >= monitor.max_process_memory_mb:
+        found.append(
+            f"process RSS {rss_mb:.1f} MB >= max_process_memory_mb "
+            f"{monitor.max_process_memory_mb:g}"
+        )
+    if reading.available_bytes is not None and monitor.min_system_available_mb:
+        available_mb = reading.available_bytes / MiB
+        if available_mb < monitor.min_system_available_mb:
+            found.append(
+                f"available {available_mb:.1f} MB < min_system_available_mb "
+                f"{monitor.min_system_available_mb:g}"
+            )
+    return found
+
+
+def pressure_failure(
+    stage: str,
+    monitor: MemoryMonitor,
+    *,
+    figures: MemoryFigures | None = None,
+    reading: MemoryReading | None = None,
+    detail: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dg.Failure:
+    """The ``dagster.Failure`` for EMERGENCY pressure during ``stage``.
+
+    Its description starts with ``memsafe: memory pressure EMERGENCY`` and names the stage, the
+    signal over its budget, the peak and the limit; its metadata carries the memsafe/* figures
+    as they stood. It allows retries: a retried step streams with half the chunk size.
+    """
+    reading = reading if reading is not None else monitor.read()
+    base = figures if figures is not None else MemoryFigures.from_monitor(monitor)
+    figures = MemoryFigures(
+        pressure=MemoryPressureLevel.EMERGENCY,
+        peak_rss_bytes=max(base.peak_rss_bytes, reading.rss_bytes),
+        peak_pyarrow_bytes=max(base.peak_pyarrow_bytes, reading.pyarrow_bytes),
+        limit_bytes=base.limit_bytes,
+        limit_source=base.limit_source,
+    )
+    over = breaches(monitor, reading) or ["pressure stayed at EMERGENCY"]
+    description = (
+        f"{FAILURE_PREFIX} during {stage}: {'; '.join(over)}. "
+        f"Peak RSS {figures.peak_rss_mb:.1f} MB, peak PyArrow {figures.peak_pyarrow_mb:.1f} MB, "
+        f"limit {figures.limit_mb:.1f} MB ({figures.limit_source}). "
+        "The step stopped before the kernel could kill it and wrote nothing: lower "
+        "chunk_size_rows, stream inputs (ChunkStream, RecordBatchReader or Dataset "
+        "annotations), raise the memsafe budgets or give the container more memory."
+    )
+    metadata: dict[str, Any] = {
+        **memory_metadata(figures),
+        **budgets_metadata(monitor),
+        STAGE: dg.MetadataValue.text(stage),
+        CURRENT_RSS_MB: dg.MetadataValue.float(round(reading.rss_bytes / MiB, 2)),
+    }
+    if detail:
+        metadata[DETAIL] = dg.MetadataValue.text(detail)
+    if extra:
+        metadata.update(extra)
+    return dg.Failure(description=description, metadata=metadata, allow_retries=True)

@@ -1,0 +1,322 @@
+"""MemoryMonitorResource: the memory budget of a Dagster step, its checks and its metadata.
+
+Assets, the chunked IO manager and the merge-asset factory share it: ``check(context, stage)``
+logs WARNING and above and fails the step at EMERGENCY; ``track(context)`` samples peaks in the
+background during a block and records the memsafe/* metadata of DESIGN.md's table.
+"""
+
+import contextlib
+import gc
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import dagster as dg
+from pydantic import Field, PrivateAttr, model_validator
+
+from memsafe_dagster import metadata as md
+from memsafe_dagster.memory import (
+    MemoryLimits,
+    MemoryMonitor,
+    MemoryPressureError,
+    MemoryPressureLevel,
+    MemoryReading,
+    detect_memory_limits,
+)
+
+PROFILES = ("container", "development", "explicit")
+_BUDGET_FIELDS = ("max_pyarrow_mb", "max_process_memory_mb", "min_system_available_mb")
+
+WARNING = MemoryPressureLevel.WARNING
+CRITICAL = MemoryPressureLevel.CRITICAL
+EMERGENCY = MemoryPressureLevel.EMERGENCY
+
+log = logging.getLogger(__name__)
+
+
+class MemoryMonitorResource(dg.ConfigurableResource):
+    """The memory budget of a step, from the container's real limit.
+
+    Budgets left unset come from the profile: ``"container"`` (default) splits the detected
+    container limit 60 % process / 40 % PyArrow / 20 % kept free; ``"development"`` uses the
+    seed's tiers by available memory; ``"explicit"`` takes all three budgets from config and
+    requires them. Every field accepts ``EnvVar`` / ``EnvVar.int``.
+    """
+
+    max_pyarrow_mb: int | None = Field(
+        default=None, description="PyArrow allocation budget in MB (unset: from the profile)."
+    )
+    max_process_memory_mb: int | None = Field(
+        default=None, description="Process RSS budget in MB (unset: from the profile)."
+    )
+    min_system_available_mb: int | None = Field(
+        default=None,
+        description="Memory the container must keep available, in MB (unset: from the profile).",
+    )
+    profile: str = Field(
+        default="container",
+        description="Where unset budgets come from: 'container', 'development' or 'explicit'.",
+    )
+    sampling_interval_ms: int = Field(
+        default=100,
+        description="Background sampling period of track() in ms; 0 samples only at checks.",
+    )
+
+    _monitor: MemoryMonitor | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validate_config(cls, data: Any) -> Any:
+        # Runs on the raw values: an EnvVar is a placeholder here (it is resolved, and this
+        # runs again, when the resource is initialized for a run).
+        if not isinstance(data, Mapping):
+            return data
+        profile = data.get("profile", "container")
+        if not _is_env_var(profile) and profile not in PROFILES:
+            raise ValueError(
+                f"MemoryMonitorResource.profile must be one of {', '.join(PROFILES)}; "
+                f"got {profile!r}"
+            )
+        if profile == "explicit":
+            missing = [name for name in _BUDGET_FIELDS if data.get(name) is None]
+            if missing:
+                raise ValueError(
+                    "MemoryMonitorResource(profile='explicit') needs all three budgets; "
+                    f"missing: {', '.join(missing)}. Set them, or use profile='container' to "
+                    "derive unset budgets from the container's memory limit."
+                )
+        for name in (*_BUDGET_FIELDS, "sampling_interval_ms"):
+            value = data.get(name)
+            if isinstance(value, (int, float)) and not _is_env_var(value) and value < 0:
+                raise ValueError(f"MemoryMonitorResource.{name} must be >= 0, got {value!r}")
+        return data
+
+    # -- the monitor ------------------------------------------------------------------------
+
+    def get_monitor(self) -> MemoryMonitor:
+        """This resource's ``MemoryMonitor`` (built once, on first use)."""
+        if self._monitor is None:
+            self._monitor = self.build_monitor()
+        return self._monitor
+
+    def build_monitor(self, limits: MemoryLimits | None = None) -> MemoryMonitor:
+        """A new ``MemoryMonitor`` with this resource's budgets (``limits`` default: detected)."""
+        limits = limits if limits is not None else detect_memory_limits()
+        if self.profile == "explicit":
+            return MemoryMonitor(
+                max_pyarrow_mb=self.max_pyarrow_mb,  # type: ignore[arg-type]
+                max_process_memory_mb=self.max_process_memory_mb,
+                min_system_available_mb=self.min_system_available_mb,  # type: ignore[arg-type]
+                limits=limits,
+            )
+        if self.profile == "development":
+            base = MemoryMonitor.for_development(limits=limits)
+        else:
+            base = MemoryMonitor.for_container(limits=limits)
+        return MemoryMonitor(
+            max_pyarrow_mb=_pick(self.max_pyarrow_mb, base.max_pyarrow_mb),
+            max_process_memory_mb=_pick(self.max_process_memory_mb, base.max_process_memory_mb),
+            min_system_available_mb=_pick(
+                self.min_system_available_mb, base.min_system_available_mb
+            ),
+            limits=limits,
+        )
+
+    @property
+    def sampling_interval_s(self) -> float:
+        return self.sampling_interval_ms / 1000.0
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def check(self, context: Any, stage: str) -> MemoryPressureLevel:
+        """The current pressure level; logs WARNING and above through ``context.log``.
+
+        At EMERGENCY (after one garbage collection and a recheck) raises the memsafe
+        ``dagster.Failure`` naming ``stage``, the peak and the limit, with memsafe/* metadata.
+        """
+        return check_pressure(self.get_monitor(), context, stage)
+
+    @contextlib.contextmanager
+    def track(
+        self,
+        context: Any = None,
+        *,
+        stage: str | None = None,
+        record: bool = True,
+        output_name: str | None = None,
+    ) -> Iterator["MemoryTracker"]:
+        """Sample peaks in the background during the block and record memsafe/* metadata.
+
+        Yields a ``MemoryTracker`` with its own peaks (nested tracks do not disturb each
+        other). On a clean exit, with ``record`` and a context that has
+        ``add_output_metadata`` (an asset/op context or an IO manager's ``OutputContext``),
+        the metadata is added to the output; ``tracker.metadata`` is there either way, e.g.
+        to merge into a ``MaterializeResult``. A ``MemoryPressureError`` raised in the block
+        (an adaptive stream at EMERGENCY) becomes the memsafe ``dagster.Failure``.
+        """
+        tracker = MemoryTracker(
+            self.get_monitor(),
+            context=context,
+            stage=stage or _default_stage(context),
+            sampling_interval_s=self.sampling_interval_s,
+        )
+        with tracker:
+            yield tracker
+        if record and context is not None:
+            tracker.record(context, output_name=output_name)
+
+
+def _is_env_var(value: Any) -> bool:
+    """True for ``EnvVar`` / ``EnvVar.int`` placeholders (both carry ``env_var_name``)."""
+    return isinstance(value, dg.EnvVar) or hasattr(value, "env_var_name")
+
+
+def _pick(value: float | None, default: float | None) -> Any:
+    return default if value is None else value
+
+
+def _default_stage(context: Any) -> str:
+    """A readable stage name from whatever Dagster context is at hand."""
+    if context is None:
+        return "this block"
+    for attr in ("step_key", "op_handle"):
+        with contextlib.suppress(Exception):
+            value = getattr(context, attr)
+            if value:
+                return f"step {value}"
+    with contextlib.suppress(Exception):
+        return f"asset {context.asset_key.to_user_string()}"
+    return "this step"
+
+
+def _log(context: Any) -> Any:
+    with contextlib.suppress(Exception):
+        if context is not None and context.log is not None:
+            return context.log
+    return log
+
+
+def check_pressure(
+    monitor: MemoryMonitor,
+    context: Any,
+    stage: str,
+    *,
+    extra: Mapping[str, Any] | None = None,
+) -> MemoryPressureLevel:
+    """``MemoryMonitorResource.check`` for any monitor (the tracker and IO manager use it)."""
+    reading, level = monitor.sample()
+    if level is EMERGENCY:
+        gc.collect()
+        reading, level = monitor.sample()
+    _log_level(context, monitor, level, stage)
+    if level is EMERGENCY:
+        raise md.pressure_failure(stage, monitor, reading=reading, extra=extra)
+    return level
+
+
+def _log_level(
+    context: Any, monitor: MemoryMonitor, level: MemoryPressureLevel, stage: str
+) -> None:
+    if level < WARNING:
+        return
+    logger = _log(context)
+    message = f"memsafe: memory pressure {level.value.upper()} during {stage}: " + (
+        monitor.get_detailed_status()
+    )
+    if level >= CRITICAL:
+        logger.error(message)
+    else:
+        logger.warning(message)
+
+
+class MemoryTracker:
+    """What ``MemoryMonitorResource.track`` yields: peaks, worst level and chunks of one block.
+
+    It watches through its own ``MemoryMonitor`` (same budgets and limits as the resource's,
+    separate peaks), so a stream can be attached to ``tracker.monitor`` and the sizer's checks
+    count towards the block's figures.
+    """
+
+    def __init__(
+        self,
+        monitor: MemoryMonitor,
+        *,
+        context: Any = None,
+        stage: str = "this block",
+        sampling_interval_s: float = 0.1,
+    ) -> None:
+        self.monitor = MemoryMonitor(
+            max_pyarrow_mb=monitor.max_pyarrow_mb,
+            max_process_memory_mb=monitor.max_process_memory_mb,
+            min_system_available_mb=monitor.min_system_available_mb,
+            limits=monitor.limits,
+        )
+        self.context = context
+        self.stage = stage
+        self.sampling_interval_s = sampling_interval_s
+        self.chunks: int | None = None
+        self.extra: dict[str, Any] = {}
+        self._figures: md.MemoryFigures | None = None
+        self._last_reading: MemoryReading | None = None
+
+    def __enter__(self) -> "MemoryTracker":
+        self.monitor.reset_peaks()
+        self._last_reading, _ = self.monitor.sample()
+        if self.sampling_interval_s > 0:
+            self.monitor.start_sampling(self.sampling_interval_s)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.monitor.stop_sampling()
+        self._last_reading, _ = self.monitor.sample()
+        self._figures = md.MemoryFigures.from_monitor(self.monitor)
+        if isinstance(exc, MemoryPressureError):
+            raise self.failure(detail=str(exc)) from exc
+        if exc is None and self._figures.pressure >= WARNING:
+            _log_level(self.context, self.monitor, self._figures.pressure, self.stage)
+
+    # -- during the block ---------------------------------------------------------------------
+
+    def check(self, stage: str | None = None) -> MemoryPressureLevel:
+        """Check now (logs WARNING and above; the memsafe Failure at EMERGENCY)."""
+        return check_pressure(self.monitor, self.context, stage or self.stage, extra=self.extra)
+
+    def add_chunks(self, count: int = 1) -> None:
+        """Count chunks processed in the block (reported as ``memsafe/chunks``)."""
+        self.chunks = (self.chunks or 0) + count
+
+    def failure(self, detail: str | None = None, stage: str | None = None) -> dg.Failure:
+        """The memsafe EMERGENCY Failure for this block, with its figures so far."""
+        return md.pressure_failure(
+            stage or self.stage,
+            self.monitor,
+            figures=self.figures,
+            detail=detail,
+            extra=self.extra,
+        )
+
+    # -- results ------------------------------------------------------------------------------
+
+    @property
+    def figures(self) -> md.MemoryFigures:
+        """Final figures after the block; live figures while it runs."""
+        if self._figures is not None:
+            return self._figures
+        return md.MemoryFigures.from_monitor(self.monitor)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The memsafe/* entries of DESIGN.md's table (plus ``extra``), ready for Dagster."""
+        out = md.memory_metadata(self.figures, chunks=self.chunks)
+        out.update(self.extra)
+        return out
+
+    def record(self, context: Any, *, output_name: str | None = None) -> None:
+        """Add ``metadata`` to the context's output (asset/op context or ``OutputContext``)."""
+        add = getattr(context, "add_output_metadata", None)
+        if add is None:
+            return
+        if isinstance(context, dg.OutputContext) or output_name is None:
+            add(self.metadata)
+        else:
+            add(self.metadata, output_name=output_name)
