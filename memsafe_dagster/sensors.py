@@ -25,7 +25,7 @@ DIAGNOSIS_TAG = "memsafe/diagnosis"
 def memory_gate(
     *,
     threshold: MemoryPressureLevel = MemoryPressureLevel.CRITICAL,
-    monitor_factory: Callable[[], MemoryMonitor] = MemoryMonitor.for_container,
+    monitor_factory: Callable[[], MemoryMonitor] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Wrap a sensor's evaluation function: at ``threshold`` pressure or worse the tick skips.
 
@@ -36,13 +36,14 @@ def memory_gate(
         def my_sensor(context): ...
 
     The skip reason names the level and the figures, so the UI's tick history says why no run
-    was launched. Pressure is measured where the sensor evaluates (the code server).
+    was launched. Pressure is measured where the sensor evaluates (the code server), by default
+    with ``MemoryMonitor.for_container()`` created at each tick.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def gated(*args: Any, **kwargs: Any) -> Any:
-            monitor = monitor_factory()
+            monitor = monitor_factory() if monitor_factory else MemoryMonitor.for_container()
             level = monitor.check_memory_pressure()
             if level >= threshold:
                 return dg.SkipReason(
@@ -83,14 +84,18 @@ def build_inbox_sensor(
     op_name = target.op.name
     run_target: dict[str, Any] = {"job": job} if job is not None else {"asset_selection": [target]}
 
-    def evaluate(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    def evaluate(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         fs, path = resolve_filesystem(inbox, storage_options=storage_options)
         present = list_inbox(fs, path, pattern)
         seen = _load_cursor(context.cursor)
         fresh = [f for f in present if seen.get(f.path) != [f.size, f.mtime]]
         still_there = {f.path: [f.size, f.mtime] for f in present if f.path in seen}
         if not fresh:
-            return dg.SkipReason(f"no new files in {inbox} matching {pattern!r}")
+            # Still save the cursor: files the merge moved away are forgotten.
+            return dg.SensorResult(
+                skip_reason=f"no new files in {inbox} matching {pattern!r}",
+                cursor=json.dumps(still_there),
+            )
         key = batch_key(fresh)
         request = dg.RunRequest(
             run_key=f"inbox-{key}",
