@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError, MemoryPressureLevel
@@ -21,6 +22,11 @@ class AdaptiveChunkSizer:
     once and rechecks; if it persists, ``MemoryPressureError`` carries the level and status.
     Chunks never shrink below ``min_rows`` (tiny chunks only add overhead). With
     ``adaptive=False`` the size stays fixed but EMERGENCY still stops the stream.
+
+    ``min_check_interval_s`` keeps checks off the hot path of fast streams: after a NORMAL
+    check the next one waits at least that long (a check costs tens of microseconds, a small
+    chunk of a fast scan not much more); after any other level every chunk is checked. A size
+    set on the stream by someone else (a caller, a retry) becomes the new requested size.
     """
 
     def __init__(
@@ -32,20 +38,40 @@ class AdaptiveChunkSizer:
         grow_after: int = 3,
         min_rows: int = 1_000,
         what: str = "streaming",
+        min_check_interval_s: float = 0.0,
     ) -> None:
+        if min_check_interval_s < 0:
+            raise ValueError(
+                f"min_check_interval_s must not be negative, got {min_check_interval_s!r}"
+            )
         self.monitor = monitor
         self.requested_rows = requested_rows
         self.adaptive = adaptive
         self.grow_after = grow_after
+        self._min_rows_setting = min_rows
         self.min_rows = min(min_rows, requested_rows)
         self.what = what
+        self.min_check_interval_s = min_check_interval_s
+        self.checks = 0
         self._calm_checks = 0
+        self._last_check: float | None = None
+        self._last_level = NORMAL
+        self._size_set = requested_rows
 
     def __call__(self, stream: ChunkStream) -> None:
-        level = self.monitor.check_memory_pressure()
+        size = stream.chunk_size_rows
+        if size != self._size_set:
+            # Someone else resized the stream: that is the size they want from now on.
+            self.requested_rows = size
+            self.min_rows = min(self._min_rows_setting, size)
+            self._calm_checks = 0
+        self._size_set = size
+        if self._skip_check():
+            return
+        level = self._check()
         if level is EMERGENCY:
             gc.collect()
-            level = self.monitor.check_memory_pressure()
+            level = self._check()
             if level is EMERGENCY:
                 status = self.monitor.get_memory_status()
                 stream.stats.max_pressure = max(stream.stats.max_pressure, level)
@@ -56,10 +82,10 @@ class AdaptiveChunkSizer:
                     status=status,
                 )
             level = CRITICAL  # the collection helped, but only just: act as CRITICAL
+        self._last_level = level
         stream.stats.max_pressure = max(stream.stats.max_pressure, level)
         if not self.adaptive:
             return
-        size = stream.chunk_size_rows
         if level is CRITICAL:
             self._calm_checks = 0
             gc.collect()
@@ -72,6 +98,20 @@ class AdaptiveChunkSizer:
             if self._calm_checks >= self.grow_after and size < self.requested_rows:
                 stream.chunk_size_rows = min(self.requested_rows, int(size * 1.25) + 1)
                 self._calm_checks = 0
+        self._size_set = stream.chunk_size_rows
+
+    def _skip_check(self) -> bool:
+        if self.min_check_interval_s <= 0 or self._last_check is None:
+            return False
+        if self._last_level is not NORMAL:
+            return False
+        return time.monotonic() - self._last_check < self.min_check_interval_s
+
+    def _check(self) -> MemoryPressureLevel:
+        level = self.monitor.check_memory_pressure()
+        self.checks += 1
+        self._last_check = time.monotonic()
+        return level
 
 
 def attach_monitor(
@@ -80,9 +120,19 @@ def attach_monitor(
     *,
     adaptive: bool = True,
     what: str = "streaming",
+    min_check_interval_s: float = 0.0,
 ) -> ChunkStream:
-    """Make ``stream`` pressure-aware and record the monitor's peaks in its stats on close."""
-    sizer = AdaptiveChunkSizer(monitor, stream.chunk_size_rows, adaptive=adaptive, what=what)
+    """Make ``stream`` pressure-aware and record the monitor's peaks in its stats.
+
+    Peaks are copied into ``stream.stats`` after every pressure check and on close.
+    """
+    sizer = AdaptiveChunkSizer(
+        monitor,
+        stream.chunk_size_rows,
+        adaptive=adaptive,
+        what=what,
+        min_check_interval_s=min_check_interval_s,
+    )
 
     def record_peaks(_stream: ChunkStream = stream) -> None:
         _stream.stats.peak_rss_mb = max(_stream.stats.peak_rss_mb, monitor.peak_rss_bytes / 2**20)
@@ -90,7 +140,12 @@ def attach_monitor(
             _stream.stats.peak_pyarrow_mb, monitor.peak_pyarrow_bytes / 2**20
         )
 
-    def after(stream_: ChunkStream, _chunk: object) -> None:
-        record_peaks(stream_)
+    def before(stream_: ChunkStream) -> None:
+        checks = sizer.checks
+        try:
+            sizer(stream_)
+        finally:
+            if sizer.checks != checks:
+                record_peaks(stream_)
 
-    return stream.add_hooks(before_chunk=sizer, after_chunk=after, on_close=record_peaks)
+    return stream.add_hooks(before_chunk=before, on_close=record_peaks)

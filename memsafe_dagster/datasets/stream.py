@@ -196,15 +196,19 @@ class ChunkStream(Iterator[pa.Table]):
         stats.min_chunk_size_rows = min(stats.min_chunk_size_rows or size, size)
         stats.max_chunk_size_rows = max(stats.max_chunk_size_rows or size, size)
         stats.sizes.append(size)
-        for after in self._after_chunk:
-            after(self, chunk)
+        try:
+            for after in self._after_chunk:
+                after(self, chunk)
+        except BaseException:
+            self.close()
+            raise
         return chunk
 
     def _fill(self, rows: int) -> None:
         """Pull from the source until ``rows`` rows are pending or it is exhausted."""
-        while self._pending_rows < rows and not self._exhausted:
+        while self._pending_rows < rows and not self._exhausted and self._source is not None:
             try:
-                item = next(self._source)  # type: ignore[arg-type]
+                item = next(self._source)
             except StopIteration:
                 self._exhausted = True
                 break
@@ -297,14 +301,18 @@ class ChunkStream(Iterator[pa.Table]):
         )
 
 
-def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    """``batch`` in ``schema``'s column order and types, or a ValueError naming the column."""
+def _conform(batch: pa.RecordBatch, schema: pa.Schema, what: str = "the stream") -> pa.RecordBatch:
+    """``batch`` in ``schema``'s column order and types, or a ValueError naming the column.
+
+    Only lossless casts are made (see ``is_lossless_cast``; values are checked too, so an
+    int64 holding 2**40 does not become int32); a non-nullable column must hold no nulls.
+    """
     names = set(batch.schema.names)
     missing = [f.name for f in schema if f.name not in names]
     extra = [n for n in batch.schema.names if schema.get_field_index(n) < 0]
     if missing or extra:
         raise ValueError(
-            "chunk does not match the stream schema: "
+            f"chunk does not match {what} schema: "
             + "; ".join(
                 part
                 for part in (
@@ -318,12 +326,90 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     for target in schema:
         column = batch.column(target.name)
         if column.type != target.type:
+            if not is_lossless_cast(column.type, target.type):
+                raise ValueError(
+                    f"column {target.name!r}: {column.type} does not cast losslessly to "
+                    f"{what} type {target.type}"
+                )
             try:
                 column = column.cast(target.type, safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise ValueError(
-                    f"column {target.name!r}: cannot cast {column.type} to the stream's "
+                    f"column {target.name!r}: cannot cast {column.type} to {what} type "
                     f"{target.type} without loss ({exc})"
                 ) from None
+        if not target.nullable and column.null_count:
+            raise ValueError(
+                f"column {target.name!r}: {column.null_count} null(s) in a column {what} "
+                "schema declares non-nullable"
+            )
         arrays.append(column)
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+_STRINGS = (pa.types.is_string, pa.types.is_large_string)
+_BINARIES = (pa.types.is_binary, pa.types.is_large_binary)
+_LISTS = (pa.types.is_list, pa.types.is_large_list)
+
+
+def _kind(t: pa.DataType, preds: tuple[Callable[[pa.DataType], bool], ...]) -> bool:
+    return any(p(t) for p in preds) or (
+        preds is _STRINGS and getattr(pa.types, "is_string_view", lambda _t: False)(t)
+    )
+
+
+def is_lossless_cast(src: pa.DataType, dst: pa.DataType) -> bool:
+    """True when every ``src`` value can become a ``dst`` value with nothing lost or reinterpreted.
+
+    Allowed: integer to integer and integer to float (values are range-checked by the cast),
+    float widening, string/binary/list offset widths, dictionary decoding, timestamp, date
+    and time unit changes (values checked), decimal widening, null to anything, and structs,
+    lists and maps whose children cast losslessly. Never: float narrowing, string <-> number,
+    bool <-> number, naive <-> timezone-aware timestamps.
+    """
+    types = pa.types
+    if src.equals(dst) or types.is_null(src):
+        return True
+    if types.is_dictionary(src):
+        return is_lossless_cast(src.value_type, dst)
+    if types.is_dictionary(dst):
+        return is_lossless_cast(src, dst.value_type)
+    if types.is_integer(src):
+        return types.is_integer(dst) or types.is_floating(dst)
+    if types.is_floating(src):
+        return types.is_floating(dst) and dst.bit_width >= src.bit_width
+    if _kind(src, _STRINGS):
+        return _kind(dst, _STRINGS)
+    if _kind(src, _BINARIES):
+        return _kind(dst, _BINARIES)
+    if types.is_timestamp(src):
+        return types.is_timestamp(dst) and (src.tz is None) == (dst.tz is None)
+    if types.is_date(src):
+        return types.is_date(dst)
+    if types.is_time(src):
+        return types.is_time(dst)
+    if types.is_duration(src):
+        return types.is_duration(dst)
+    if types.is_decimal(src):
+        return (
+            types.is_decimal(dst)
+            and dst.scale >= src.scale
+            and dst.precision - dst.scale >= src.precision - src.scale
+        )
+    if _kind(src, _LISTS):
+        return _kind(dst, _LISTS) and is_lossless_cast(src.value_type, dst.value_type)
+    if types.is_struct(src):
+        if not types.is_struct(dst) or src.num_fields != dst.num_fields:
+            return False
+        return all(
+            src.field(i).name == dst.field(i).name
+            and is_lossless_cast(src.field(i).type, dst.field(i).type)
+            for i in range(src.num_fields)
+        )
+    if types.is_map(src):
+        return (
+            types.is_map(dst)
+            and is_lossless_cast(src.key_type, dst.key_type)
+            and is_lossless_cast(src.item_type, dst.item_type)
+        )
+    return False
