@@ -48,8 +48,15 @@ SCHEMA = pa.schema(
         ("category", pa.string()),
     ]
 )
-CATEGORIES = pa.array(
-    ["retail", "wholesale", "online", "partner", "enterprise", "public", "education", "other"]
+CATEGORIES = (
+    "retail",
+    "wholesale",
+    "online",
+    "partner",
+    "enterprise",
+    "public",
+    "education",
+    "other",
 )
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -120,6 +127,11 @@ class GeneratedData:
 
     root: Path
     manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, root: Path) -> GeneratedData:
+        """A dataset generated earlier under ``root``."""
+        return cls(root, json.loads((root / "manifest.json").read_text()))
 
     @property
     def target(self) -> Path:
@@ -243,7 +255,7 @@ def _rows(keys: np.ndarray, *, source: bool) -> pa.Table:
             ),
             "amount": pa.array(-cents - 0.01 if source else cents),
             "updated_at": pa.array(offsets + epoch, pa.int64()).cast(pa.timestamp("us")),
-            "category": CATEGORIES.take(pa.array(category)),
+            "category": pa.array(CATEGORIES).take(pa.array(category)),
         },
         schema=SCHEMA,
     )
@@ -354,15 +366,14 @@ def ensure_dataset(spec: DatasetSpec, data_dir: Path = DEFAULT_DATA_DIR) -> Gene
     complete, so an interrupted run never leaves a half-written dataset in the cache.
     """
     root = Path(data_dir) / spec.name
-    manifest = root / "manifest.json"
-    if manifest.exists():
-        return GeneratedData(root, json.loads(manifest.read_text()))
+    if (root / "manifest.json").exists():
+        return GeneratedData.load(root)
     tmp = Path(data_dir) / f".tmp-{spec.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     generate(spec, tmp)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
-    return GeneratedData(root, json.loads(manifest.read_text()))
+    return GeneratedData.load(root)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,9 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=10, help="target files")
     parser.add_argument("--source-rows", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--touched-fraction", type=float, default=0.05, help="clustered only")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     args = parser.parse_args(argv)
-    spec = DatasetSpec(args.layout, args.rows, args.files, args.source_rows, args.seed)
+    spec = DatasetSpec(
+        args.layout, args.rows, args.files, args.source_rows, args.seed, args.touched_fraction
+    )
     print(ensure_dataset(spec, args.data_dir).root)
 
 

@@ -3,6 +3,9 @@
 An upsert is correct when the output holds exactly ``target + inserts`` rows, every key once,
 and the sampled rows match: updated and new keys carry the source's row, untouched keys the
 target's. The floor contender copies the target, so its output must equal the target instead.
+
+The runner calls :func:`verify` in a helper process, so reading outputs never raises the
+runner's own peak RSS (which would leak into the children's ``wait4`` peaks).
 """
 
 from __future__ import annotations

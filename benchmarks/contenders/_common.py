@@ -57,6 +57,7 @@ def run_contender(
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"--out {args.out} already exists")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if prepare is not None:
         prepare(args)
     started = time.perf_counter()

@@ -1,0 +1,604 @@
+"""Run the upsert contenders and the micro-benchmarks; write JSON and Markdown results.
+
+``python -m benchmarks.run --suite quick|full [--only a,b] [--scenarios x,y] [--repeat N]
+[--data-dir D] [--output NAME]``
+
+Every run is its own child process (``run_measured``, or ``run_capped`` under a real cgroup
+memory cap): wall time is the contender's own timing of the merge (median over the runs), peak
+RSS comes from the OS (``wait4`` rusage), and every output is verified. A run that crashes is
+reported as "error" with its last stderr line, one the kernel kills as "OOM-killed", one that
+exceeds its time bound as "timed out"; after a failed run a contender is not repeated in that
+scenario. Results go to ``benchmarks/results/<suite>.json`` and ``.md``.
+
+The runner itself stays small: data generation and verification run in a helper process.
+That matters because an ``exec`` records the spawning process's RSS high-water mark in the
+child's ``ru_maxrss``, so every ``wait4`` peak is at least the runner's own peak (recorded in
+the results as ``runner_peak_rss_mb``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.contenders._common import RESULT_MARKER, OutputFormat
+from benchmarks.datagen import DEFAULT_DATA_DIR, DatasetSpec, GeneratedData, ensure_dataset
+from memsafe_dagster.memory import psutil
+from memsafe_dagster.memory.cgroup_cap import CappedRun, MemoryCap, run_capped, run_measured
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CAP = "512m"
+MB = 1024 * 1024
+
+COMPLETED, OOM, TIMED_OUT, ERROR, SKIPPED = (
+    "completed",
+    "OOM-killed",
+    "timed out",
+    "error",
+    "skipped",
+)
+
+
+# -- what runs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contender:
+    """An upsert implementation, run as ``python -m benchmarks.contenders.<name>``."""
+
+    name: str
+    output_format: OutputFormat = "parquet"
+    merges: bool = True  # False for the floor, whose output is a copy of the target
+    bounded: bool = False  # known to be very slow: run under the suite's short time bound
+
+
+CONTENDERS = (
+    Contender("memsafe"),
+    Contender("duckdb_512"),
+    Contender("duckdb"),
+    Contender("delta", output_format="delta"),
+    Contender("polars"),
+    Contender("naive_pyarrow"),
+    Contender("fsspeckit", bounded=True),
+    Contender("floor", merges=False),
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A dataset, optionally merged under a real cgroup memory cap; ``key`` names it on the
+    command line, ``name`` in the tables."""
+
+    key: str
+    name: str
+    spec: DatasetSpec
+    cap: str | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    """The scenarios and bounds of one benchmark suite."""
+
+    name: str
+    scenarios: tuple[Scenario, ...]
+    repeat: int
+    capped_repeat: int
+    timeout_s: float
+    bounded_timeout_s: float
+    micro_spec: DatasetSpec
+    micro_repeat: int
+    sampler_s: float
+    notes: tuple[str, ...] = ()
+
+
+_1M = DatasetSpec("random", 1_000_000, 10, 100_000)
+_10M = DatasetSpec("random", 10_000_000, 10, 1_000_000)
+_10M_CLUSTERED = DatasetSpec("clustered", 10_000_000, 20, 100_000)
+
+SUITES = {
+    "quick": Suite(
+        name="quick",
+        scenarios=(
+            Scenario("1m", "1M/100k random", _1M),
+            Scenario("1m-cap", "1M/100k random, 512 MB cap", _1M, cap=CAP),
+        ),
+        repeat=3,
+        capped_repeat=1,
+        timeout_s=120,
+        bounded_timeout_s=10,
+        micro_spec=_1M,
+        micro_repeat=3,
+        sampler_s=2,
+        notes=(
+            "Quick suite: capped runs are single runs; fsspeckit is bounded at 10 s.",
+            "Full suite: `python -m benchmarks.run --suite full`.",
+        ),
+    ),
+    "full": Suite(
+        name="full",
+        scenarios=(
+            Scenario("1m", "1M/100k random", _1M),
+            Scenario("10m", "10M/1M random", _10M),
+            Scenario("10m-clustered", "10M/100k clustered (1 of 20 files)", _10M_CLUSTERED),
+            Scenario("10m-cap", "10M/1M random, 512 MB cap", _10M, cap=CAP),
+        ),
+        repeat=3,
+        capped_repeat=3,
+        timeout_s=600,
+        bounded_timeout_s=180,
+        micro_spec=_10M,
+        micro_repeat=3,
+        sampler_s=10,
+        notes=("fsspeckit is bounded at 180 s per run.",),
+    ),
+}
+
+MICRO = "micro"
+
+
+# -- one run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """One child process: its verdict, timings, peak memory and verification."""
+
+    status: str
+    merge_s: float | None
+    process_s: float
+    peak_rss_mb: float
+    cgroup_peak_mb: float | None
+    returncode: int
+    error: str | None = None
+    verified: bool | None = None
+    verify_detail: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _result_line(stdout: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    return None
+
+
+def _verify_in_helper(
+    out: Path, output_format: OutputFormat, data: GeneratedData, merged: bool
+) -> tuple[bool, str]:
+    """Run in the helper process: it imports ``pyarrow.dataset`` (and pandas with it), which
+    the runner must not, and returns plain values so the runner need not import them to
+    unpickle the verdict."""
+    from benchmarks.verify import verify
+
+    verdict = verify(out, output_format, data, merged=merged)
+    return verdict.ok, verdict.detail
+
+
+def _execute(argv: list[str], cap: str | None, timeout_s: float) -> CappedRun:
+    if cap is not None:
+        return run_capped(argv, cap, timeout_s=timeout_s, cwd=REPO_ROOT)
+    return run_measured(argv, timeout_s=timeout_s, cwd=REPO_ROOT)
+
+
+def _judge(run: CappedRun, timeout_s: float) -> tuple[str, dict[str, Any] | None, str | None]:
+    """Status, parsed report and error text of a finished child."""
+    if run.timed_out:
+        return TIMED_OUT, None, f"did not finish in {timeout_s:g} s"
+    if run.oom_killed:
+        return OOM, None, "killed by the kernel's OOM killer"
+    report = _result_line(run.stdout) if run.returncode == 0 else None
+    if report is None:
+        message = _last_line(run.stderr) or f"exit code {run.returncode}, no result line"
+        return ERROR, None, message
+    return COMPLETED, report, None
+
+
+def run_contender_once(
+    contender: Contender,
+    scenario: Scenario,
+    data: GeneratedData,
+    out: Path,
+    timeout_s: float,
+    helper: Executor,
+) -> RunRecord:
+    """Run ``contender`` once on ``scenario`` in a child process; verify its output in
+    ``helper``."""
+    shutil.rmtree(out, ignore_errors=True)
+    argv = [
+        sys.executable,
+        "-m",
+        f"benchmarks.contenders.{contender.name}",
+        "--target",
+        str(data.target),
+        "--source",
+        str(data.source),
+        "--out",
+        str(out),
+    ]
+    run = _execute(argv, scenario.cap, timeout_s)
+    status, report, error = _judge(run, timeout_s)
+    record = RunRecord(
+        status=status,
+        merge_s=report["merge_s"] if report else None,
+        process_s=round(run.wall_s, 3),
+        peak_rss_mb=round(run.peak_rss_bytes / MB, 1),
+        cgroup_peak_mb=None
+        if run.cgroup_peak_bytes is None
+        else round(run.cgroup_peak_bytes / MB, 1),
+        returncode=run.returncode,
+        error=error,
+        details=report["details"] if report else {},
+    )
+    if report is not None:
+        record.verified, record.verify_detail = helper.submit(
+            _verify_in_helper, out, contender.output_format, data, contender.merges
+        ).result()
+    shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+# -- aggregation --------------------------------------------------------------------------------
+
+
+@dataclass
+class ContenderResult:
+    """A contender's runs in one scenario, summarised."""
+
+    contender: str
+    scenario: str
+    cap: str | None
+    runs: list[RunRecord]
+    skipped_reason: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.skipped_reason is not None:
+            return SKIPPED
+        failed = [r for r in self.runs if r.status != COMPLETED]
+        return failed[0].status if failed else COMPLETED
+
+    @property
+    def completed(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.status == COMPLETED]
+
+    def median(self, attr: str) -> float | None:
+        values = [getattr(r, attr) for r in self.completed]
+        return round(statistics.median(values), 3) if values else None
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        """The largest peak RSS of any run, completed or not."""
+        return max((r.peak_rss_mb for r in self.runs), default=None)
+
+    @property
+    def verified(self) -> str:
+        done = self.completed
+        if not done:
+            return "-"
+        bad = [r for r in done if not r.verified]
+        return "yes" if not bad else f"NO: {bad[0].verify_detail}"
+
+    @property
+    def status_text(self) -> str:
+        if self.skipped_reason is not None:
+            return f"skipped: {self.skipped_reason}"
+        failed = [r for r in self.runs if r.status != COMPLETED]
+        if not failed:
+            return COMPLETED
+        first = failed[0]
+        prefix = f"{first.status} in run {self.runs.index(first) + 1}"
+        return f"{prefix}: {first.error}" if first.error else prefix
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "contender": self.contender,
+            "scenario": self.scenario,
+            "cap": self.cap,
+            "status": self.status,
+            "status_text": self.status_text,
+            "median_merge_s": self.median("merge_s"),
+            "median_process_s": self.median("process_s"),
+            "peak_rss_mb": self.peak_rss_mb,
+            "verified": self.verified,
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+# -- micro-benchmarks ---------------------------------------------------------------------------
+
+
+@dataclass
+class MicroResult:
+    """One micro-benchmark variant, run in its own child process."""
+
+    section: str
+    variant: str
+    status: str
+    peak_rss_mb: float
+    figures: dict[str, Any]
+    error: str | None = None
+
+
+def run_micro(
+    suite: Suite, data: GeneratedData, repeat: int, log: Callable[[str], None]
+) -> list[MicroResult]:
+    """Scan and write throughput against raw PyArrow, and the MemoryMonitor's costs."""
+    variants = [
+        ("scan", "scan-raw", ["--data", str(data.target)]),
+        ("scan", "scan-memsafe", ["--data", str(data.target)]),
+        ("write", "write-raw", ["--data", str(data.target)]),
+        ("write", "write-memsafe", ["--data", str(data.target)]),
+        ("monitor", "pressure", ["--calls", "1000"]),
+        ("monitor", "sampler", ["--seconds", str(suite.sampler_s), "--interval", "0.1"]),
+    ]
+    results = []
+    for section, variant, extra in variants:
+        argv = [sys.executable, "-m", "benchmarks.micro", variant, "--repeat", str(repeat), *extra]
+        run = run_measured(argv, timeout_s=suite.timeout_s, cwd=REPO_ROOT)
+        status, report, error = _judge(run, suite.timeout_s)
+        result = MicroResult(
+            section, variant, status, round(run.peak_rss_bytes / MB, 1), report or {}, error
+        )
+        log(f"[micro] {variant}: {status} {_micro_summary(result)}")
+        results.append(result)
+    return results
+
+
+def _micro_summary(result: MicroResult) -> str:
+    f = result.figures
+    if result.status != COMPLETED:
+        return result.error or ""
+    if "rows_per_s" in f:
+        return f"{f['rows_per_s'] / 1e6:.2f} M rows/s, peak {result.peak_rss_mb:.0f} MB"
+    if "us_per_call" in f:
+        return f"{f['us_per_call']:.1f} us/call"
+    return f"{f['cpu_pct_of_core']:.2f} % of a core, {f['samples']} samples"
+
+
+# -- reports ------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    versions = {}
+    for dist in ("memsafe-dagster", "pyarrow", "duckdb", "deltalake", "polars", "fsspeckit"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1) if psutil else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cgroup_cap": MemoryCap.unavailable_reason() or "available",
+        "versions": versions,
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The results as Markdown tables."""
+    m = report["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    lines = [
+        f"# Benchmark results: `{report['suite']}` suite",
+        "",
+        f"Run {report['started']} in {report['duration_s']:.0f} s on {m['cpus']} CPUs, "
+        f"{m['memory_gb']} GB RAM, {m['platform']}, Python {m['python']}; "
+        f"cgroup caps: {m['cgroup_cap']}.",
+        f"Versions: {versions}.",
+        "",
+        "Wall time is each contender's own timing of the upsert (reading the source, merging, "
+        "writing; not the untimed copy of the target or the Delta conversion), median of the "
+        "completed runs. Process wall adds interpreter start, imports and that copy. Peak RSS is "
+        "the largest of the runs, from the OS (`wait4` rusage; it cannot read below the runner's "
+        f"own peak, {report['runner_peak_rss_mb']:.0f} MB here). Capped runs execute inside a "
+        "real cgroup memory limit.",
+        "",
+    ]
+    lines += [f"- {note}" for note in report["notes"]]
+    lines += [
+        "",
+        "## Upsert",
+        "",
+        "| contender | scenario | median wall s | median process s | peak RSS MB | runs "
+        "| status | verified |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in report["merge"]:
+        lines.append(
+            f"| {r['contender']} | {r['scenario']} | {_fmt(r['median_merge_s'])} "
+            f"| {_fmt(r['median_process_s'])} | {_fmt(r['peak_rss_mb'], 0)} | {len(r['runs'])} "
+            f"| {r['status_text'].replace('|', '/')} | {r['verified'].replace('|', '/')} |"
+        )
+    if report["micro"]:
+        lines += _micro_markdown(report)
+    return "\n".join(lines) + "\n"
+
+
+def _micro_markdown(report: dict[str, Any]) -> list[str]:
+    by_variant = {r["variant"]: r for r in report["micro"]}
+    spec = report["micro_dataset"]
+    lines = [
+        "",
+        "## Streaming micro-benchmarks",
+        "",
+        f"On the {spec['target_rows']:,}-row target ({spec['target_files']} files); scans count "
+        "rows in chunks of 100,000; writes put the same in-memory batches into one zstd file. "
+        "Median of the runs; peak RSS of the whole child process (for writes it includes the "
+        "table held in memory).",
+        "",
+        "| benchmark | variant | median s | M rows/s | vs raw | peak RSS MB | status |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for section, label in (("scan", "scan"), ("write", "write")):
+        raw = by_variant.get(f"{section}-raw")
+        raw_rate = raw["figures"].get("rows_per_s") if raw else None
+        for variant, name in (
+            (f"{section}-raw", "raw PyArrow"),
+            (f"{section}-memsafe", "memsafe"),
+        ):
+            r = by_variant.get(variant)
+            if r is None:
+                continue
+            rate = r["figures"].get("rows_per_s")
+            ratio = f"{100 * rate / raw_rate:.0f} %" if rate and raw_rate else "-"
+            status = r["status"] if r["error"] is None else f"{r['status']}: {r['error']}"
+            lines.append(
+                f"| {label} | {name} | {_fmt(r['figures'].get('median_s'), 3)} "
+                f"| {_fmt(rate / 1e6 if rate else None)} | {ratio} "
+                f"| {_fmt(r['peak_rss_mb'], 0)} | {status.replace('|', '/')} |"
+            )
+    pressure, sampler = by_variant.get("pressure"), by_variant.get("sampler")
+    lines += ["", "| MemoryMonitor cost | value |", "|---|---|"]
+    if pressure is not None:
+        value = (
+            f"{pressure['figures']['us_per_call']:.1f} µs per call"
+            if pressure["status"] == COMPLETED
+            else f"{pressure['status']}: {pressure['error']}"
+        )
+        lines.append(f"| `check_memory_pressure()` | {value} |")
+    if sampler is not None:
+        f = sampler["figures"]
+        value = (
+            f"{f['cpu_pct_of_core']:.2f} % of one core ({f['samples']} samples in "
+            f"{f['wall_s']:.1f} s, {f['us_cpu_per_sample']:.0f} µs CPU each)"
+            if sampler["status"] == COMPLETED
+            else f"{sampler['status']}: {sampler['error']}"
+        )
+        lines.append(f"| `start_sampling(0.1)` background CPU | {value} |")
+    return lines
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def _selected(names: str | None, known: list[str], what: str) -> list[str] | None:
+    if names is None:
+        return None
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return chosen
+
+
+def run_suite(
+    suite: Suite,
+    data_dir: Path,
+    only: list[str] | None,
+    repeat: int | None,
+    helper: Executor,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every selected scenario, contender and micro-benchmark; return the report.
+
+    ``helper`` generates data and verifies outputs, keeping the runner's own RSS small.
+    """
+    started_wall, started = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.perf_counter()
+    work = data_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    cap_problem = MemoryCap.unavailable_reason()
+    contenders = [c for c in CONTENDERS if only is None or c.name in only]
+    merge_results = []
+    for scenario in suite.scenarios if contenders else ():
+        log(f"[{scenario.name}] preparing data {scenario.spec.name}")
+        data = helper.submit(ensure_dataset, scenario.spec, data_dir).result()
+        runs = repeat or (suite.capped_repeat if scenario.cap else suite.repeat)
+        for contender in contenders:
+            result = ContenderResult(contender.name, scenario.name, scenario.cap, [])
+            merge_results.append(result)
+            if scenario.cap is not None and cap_problem is not None:
+                result.skipped_reason = f"no cgroup cap: {cap_problem}"
+                continue
+            timeout = suite.bounded_timeout_s if contender.bounded else suite.timeout_s
+            for i in range(runs):
+                out = work / f"{scenario.spec.name}-{contender.name}-{i}"
+                record = run_contender_once(contender, scenario, data, out, timeout, helper)
+                result.runs.append(record)
+                log(
+                    f"[{scenario.name}] {contender.name} run {i + 1}/{runs}: {record.status} "
+                    f"merge {_fmt(record.merge_s)} s, process {record.process_s:.2f} s, "
+                    f"peak RSS {record.peak_rss_mb:.0f} MB"
+                    + (f", verified: {record.verify_detail}" if record.verify_detail else "")
+                    + (f" ({record.error})" if record.error else "")
+                )
+                if record.status != COMPLETED:
+                    break
+    micro: list[MicroResult] = []
+    if only is None or MICRO in only:
+        data = helper.submit(ensure_dataset, suite.micro_spec, data_dir).result()
+        micro = run_micro(suite, data, repeat or suite.micro_repeat, log)
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "suite": suite.name,
+        "started": started_wall,
+        "duration_s": round(time.perf_counter() - started, 1),
+        "machine": machine_info(),
+        "notes": list(suite.notes),
+        "scenarios": [
+            {"key": s.key, "name": s.name, "cap": s.cap, "dataset": asdict(s.spec)}
+            for s in suite.scenarios
+        ],
+        "merge": [r.to_dict() for r in merge_results],
+        "micro_dataset": asdict(suite.micro_spec),
+        "micro": [asdict(r) for r in micro],
+        "runner_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, run the suite, write the results."""
+    parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--only", help="comma-separated contenders and/or 'micro'")
+    parser.add_argument("--scenarios", help="comma-separated scenario keys of the suite")
+    parser.add_argument("--repeat", type=int, help="runs per contender and scenario")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--output", help="results file name (default: the suite name)")
+    args = parser.parse_args(argv)
+    if args.repeat is not None and args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    suite = SUITES[args.suite]
+    only = _selected(args.only, [c.name for c in CONTENDERS] + [MICRO], "contenders")
+    keys = _selected(args.scenarios, [s.key for s in suite.scenarios], "scenarios")
+    if keys is not None:
+        suite = replace(suite, scenarios=tuple(s for s in suite.scenarios if s.key in keys))
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as helper:
+        report = run_suite(suite, args.data_dir.resolve(), only, args.repeat, helper)
+
+    RESULTS_DIR.mkdir(exist_ok=True)
+    name = args.output or suite.name
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(render_markdown(report))
+    print(f"wrote {RESULTS_DIR / name}.json and .md in {report['duration_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
