@@ -1,0 +1,489 @@
+"""ChunkedParquetIOManager: assets as Parquet dataset directories, written and read chunk by chunk.
+
+Outputs (``pa.Table``, ``RecordBatch``, ``RecordBatchReader``, ``pyarrow.dataset.Dataset``,
+``ChunkStream``) are streamed into ``<base_path>/<asset key>/[<partition>/]`` under memory
+pressure checks, staged and published atomically (a failed step leaves the previous version,
+never a partial one). Inputs are loaded by their annotation: ``Dataset`` (lazy),
+``RecordBatchReader``, ``ChunkStream`` (adaptive chunks) or ``pa.Table`` (refused when it would
+not fit the memory budget). Dagster treats values an asset yields as events and cannot resolve
+``Iterator[...]`` annotations, so a streaming asset returns a ``ChunkStream``::
+
+    @asset(io_manager_key="io_manager")
+    def cleaned(raw: ChunkStream) -> ChunkStream:
+        return ChunkStream.from_batches(t.filter(pc.field("amount") > 0) for t in raw)
+
+Input metadata (``AssetIn(metadata=...)``): ``columns`` (a list of names) and ``filter`` are
+pushed down into the scan. ``filter`` is a list of ``(column, op, value)`` tuples in the
+disjunctive normal form of ``pyarrow.parquet``'s ``filters`` (``[("x", ">", 0)]`` is a
+conjunction, ``[[...], [...]]`` a disjunction of conjunctions; ops ``= == != < > <= >= in
+not in``): Dagster records input metadata in its event log, so it must be plain data, and
+this form is. A ``pyarrow.compute.Expression`` is accepted too where the metadata never
+reaches the event log (direct ``load_input`` calls).
+"""
+
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, get_args, get_origin
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from dagster import InitResourceContext, InputContext, OutputContext, UPathIOManager
+from pydantic import Field, PrivateAttr
+
+from memsafe_dagster import metadata as md
+from memsafe_dagster.datasets.chunks import process_in_chunks
+from memsafe_dagster.datasets.filesystem import arrow_filesystem, list_data_files
+from memsafe_dagster.datasets.stream import ChunkStream
+from memsafe_dagster.datasets.writer import ChunkedParquetWriter
+from memsafe_dagster.memory import MemoryMonitor
+from memsafe_dagster.memory.sizes import MiB
+from memsafe_dagster.resources import MemoryMonitorResource
+
+DATASET, READER, STREAM, TABLE = "Dataset", "RecordBatchReader", "ChunkStream", "Table"
+STREAMING_ANNOTATIONS = (
+    "pyarrow.dataset.Dataset (lazy), pyarrow.RecordBatchReader or "
+    "memsafe_dagster.datasets.ChunkStream"
+)
+FILES = "memsafe/files"
+ESTIMATED_MB = "memsafe/estimated_mb"
+WRITABLE = (
+    "pa.Table, pa.RecordBatch, pa.RecordBatchReader, pyarrow.dataset.Dataset, ChunkStream "
+    "or a list of RecordBatch/Table"
+)
+
+
+class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
+    """Parquet dataset directories per asset (and partition), streamed in bounded memory.
+
+    Every output records ``dagster/row_count``, ``dagster/column_schema``, the memsafe/*
+    figures of the step (peaks, pressure, limit, headroom, chunks) and ``path``. At EMERGENCY
+    pressure the step fails with the memsafe ``dagster.Failure`` and nothing is published.
+    Under a ``RetryPolicy`` the n-th retry streams with ``chunk_size_rows // 2**n``.
+    """
+
+    base_path: str | None = Field(
+        default=None,
+        description="Base directory, any fsspec URL (default: the instance's storage directory).",
+    )
+    filesystem_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options for base_path (credentials, endpoint, ...).",
+    )
+    chunk_size_rows: int = Field(
+        default=100_000, description="Rows per chunk when writing and streaming inputs."
+    )
+    compression: str = Field(default="zstd", description="Parquet compression codec.")
+    row_group_size: int | None = Field(
+        default=None, description="Rows per Parquet row group (default: one per chunk)."
+    )
+    max_rows_per_file: int | None = Field(
+        default=None, description="Roll to a new file after this many rows (default: one file)."
+    )
+    adaptive: bool = Field(
+        default=True, description="Shrink chunks under memory pressure, grow them back when calm."
+    )
+    memory: MemoryMonitorResource | None = Field(
+        default=None,
+        description="The memory budget (default: MemoryMonitorResource(), container profile).",
+    )
+
+    _base_path: Any = PrivateAttr(default=None)
+    _memory: MemoryMonitorResource | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        from upath import UPath
+
+        for name in ("chunk_size_rows", "row_group_size", "max_rows_per_file"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"ChunkedParquetIOManager.{name} must be positive, got {value!r}")
+        if self.base_path is not None:
+            self._base_path = UPath(self.base_path, **self.filesystem_options)
+        else:
+            instance = context.instance
+            if instance is None:
+                raise ValueError(
+                    "ChunkedParquetIOManager needs base_path when no Dagster instance is at hand"
+                )
+            self._base_path = UPath(instance.storage_directory())
+        self._memory = self.memory if self.memory is not None else MemoryMonitorResource()
+
+    # -- paths --------------------------------------------------------------------------------
+
+    def make_safe_partition_path(self, base_path: Any, partition: str) -> Any:
+        # A partition key stays below the asset's directory: a leading "/" and ".." segments
+        # are escaped, as Dagster's own filesystem IO manager does.
+        if partition.startswith("/"):
+            partition = "%2F" + partition[1:]
+        return base_path / "/".join("%2E%2E" if p == ".." else p for p in partition.split("/"))
+
+    @property
+    def memory_resource(self) -> MemoryMonitorResource:
+        if self._memory is None:
+            self._memory = self.memory if self.memory is not None else MemoryMonitorResource()
+        return self._memory
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def dump_to_path(self, context: OutputContext, obj: Any, path: Any) -> None:
+        if obj is None:
+            context.log.warning(
+                f"memsafe: output {context.name} is None; nothing written to {path}"
+            )
+            return
+        _check_writable(obj, context)
+        retry = retry_number(context)
+        chunk_rows = max(1, self.chunk_size_rows // 2**retry)
+        stage = f"writing {_what(context)} to {path}"
+        partitioned = context.has_asset_partitions
+        with self.memory_resource.track(context, stage=stage, record=False) as tracker:
+            tracker.extra.update({md.CHUNK_SIZE_ROWS: chunk_rows, md.RETRY_NUMBER: retry})
+            stream = process_in_chunks(
+                obj if not isinstance(obj, (list, tuple)) else iter(obj),
+                chunk_size_rows=chunk_rows,
+                memory_monitor=tracker.monitor,
+                adaptive=self.adaptive,
+            )
+            files = self._write(stream, path)
+            tracker.chunks = stream.stats.chunks
+        context.add_output_metadata(
+            {
+                **tracker.metadata,
+                **md.stream_metadata(stream.stats),
+                **md.table_metadata(stream.schema, stream.stats.rows, partitioned=partitioned),
+                FILES: dg.MetadataValue.int(files),
+            }
+        )
+
+    def _write(self, stream: ChunkStream, path: Any) -> int:
+        """Stream every chunk into new files of the dataset directory; one commit swaps them
+        for the previous version (an exception leaves the previous version untouched)."""
+        with ChunkedParquetWriter.to_dataset(
+            path.path,
+            mode="overwrite",
+            filesystem=path.fs,
+            schema=stream.schema,
+            compression=self.compression,
+            row_group_size=self.row_group_size,
+            max_rows_per_file=self.max_rows_per_file,
+        ) as writer:
+            for chunk in stream:
+                writer.write(chunk)
+        return len(writer.files)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load_input(self, context: InputContext) -> Any:
+        kind, as_dict = resolve_annotation(context)
+        if not context.has_asset_key or not context.has_asset_partitions:
+            if as_dict:
+                raise TypeError(
+                    f"input {context.name!r} is annotated {_type_name(context)} (one entry per "
+                    "partition) but the upstream asset is not partitioned"
+                )
+            return self.load_from_path(context, self._get_path(context))
+        keys = list(context.asset_partition_keys)
+        if not keys:
+            return None
+        paths = self._get_paths_for_partitions(context)
+        allow_missing = bool(
+            (context.definition_metadata or {}).get("allow_missing_partitions", False)
+        )
+        found: dict[str, list[str]] = {}
+        fs = None
+        for key in keys:
+            path = paths[key]
+            fs = path.fs
+            files = list_data_files(fs, path.path)
+            if not files:
+                if allow_missing:
+                    context.log.warning(self.get_missing_partition_log_message(key))
+                    continue
+                raise FileNotFoundError(
+                    f"partition {key} of {_what(context)} has no data at {path}: "
+                    "materialize it first (or set allow_missing_partitions in the input metadata)"
+                )
+            found[key] = files
+        if as_dict:
+            return {key: self._load(context, kind, files, fs) for key, files in found.items()}
+        return self._load(context, kind, [f for files in found.values() for f in files], fs)
+
+    def load_from_path(self, context: InputContext, path: Any) -> Any:
+        kind, _ = resolve_annotation(context)
+        files = list_data_files(path.fs, path.path)
+        if not files:
+            raise FileNotFoundError(f"{_what(context)} has no data at {path}: materialize it first")
+        return self._load(context, kind, files, path.fs)
+
+    def _load(self, context: InputContext, kind: str, files: list[str], fs: Any) -> Any:
+        definition = context.definition_metadata or {}
+        columns = _columns(definition.get("columns"))
+        row_filter = to_expression(definition.get("filter"))
+        dataset = ds.dataset(files, filesystem=arrow_filesystem(fs), format="parquet")
+        retry = retry_number(context)
+        chunk_rows = max(1, self.chunk_size_rows // 2**retry)
+        stage = f"loading input {context.name!r} from {_what(context)}"
+        if kind == DATASET:
+            return _project(dataset, columns, row_filter)
+        if kind == TABLE:
+            return self._load_table(context, dataset, columns, row_filter, stage)
+        monitor = self.memory_resource.get_monitor()
+        stream = process_in_chunks(
+            dataset,
+            chunk_size_rows=chunk_rows,
+            memory_monitor=monitor,
+            adaptive=self.adaptive,
+            columns=columns,
+            filter=row_filter,
+        )
+        if kind == READER:
+            return stream.to_reader()
+        return stream
+
+    def _load_table(
+        self,
+        context: InputContext,
+        dataset: ds.Dataset,
+        columns: list[str] | None,
+        row_filter: pc.Expression | None,
+        stage: str,
+    ) -> pa.Table:
+        monitor = self.memory_resource.get_monitor()
+        estimate = estimate_table_bytes(dataset, columns, row_filter)
+        room = headroom_bytes(monitor)
+        if estimate > room:
+            raise dg.Failure(
+                description=(
+                    f"memsafe: input {context.name!r} from {_what(context)} would take about "
+                    f"{estimate / MiB:.1f} MB in memory as a pa.Table, but only "
+                    f"{max(room, 0) / MiB:.1f} MB of the memory budget is left. Annotate the "
+                    f"input as {STREAMING_ANNOTATIONS} to stream it in chunks, narrow it with "
+                    "the 'columns' / 'filter' input metadata, or raise the budget."
+                ),
+                metadata={
+                    **md.memory_metadata(monitor),
+                    **md.budgets_metadata(monitor),
+                    ESTIMATED_MB: round(estimate / MiB, 2),
+                    "memsafe/available_budget_mb": round(room / MiB, 2),
+                    md.STAGE: stage,
+                },
+                allow_retries=False,
+            )
+        try:
+            return dataset.to_table(
+                columns=columns, filter=row_filter, batch_readahead=1, fragment_readahead=1
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(f"input {context.name!r}: columns/filter: {exc}") from None
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def retry_number(context: InputContext | OutputContext) -> int:
+    """How many attempts of the running step came before this one (0 outside a run)."""
+    try:
+        return int(context.step_context.previous_attempt_count)
+    except (dg.DagsterInvariantViolationError, AttributeError):
+        return 0
+
+
+def resolve_annotation(context: InputContext) -> tuple[str, bool]:
+    """(what to load, one entry per partition?) from the input's type annotation."""
+    typing_type = _typing_type(context)
+    as_dict = False
+    origin = get_origin(typing_type)
+    if origin in (dict, Mapping, typing.Dict, typing.Mapping):  # noqa: UP006
+        args = get_args(typing_type)
+        typing_type = args[1] if len(args) == 2 else Any
+        as_dict = True
+    typing_type = _unwrap_optional(typing_type)
+    kind = _kind(typing_type)
+    if kind is None:
+        raise TypeError(
+            f"ChunkedParquetIOManager cannot load input {context.name!r} annotated "
+            f"{_type_name(context)}: annotate it as pyarrow.dataset.Dataset, "
+            "pyarrow.RecordBatchReader, memsafe_dagster.datasets.ChunkStream or pyarrow.Table "
+            "(or dict[str, one of them] for one entry per partition)"
+        )
+    return kind, as_dict
+
+
+def _typing_type(context: InputContext) -> Any:
+    try:
+        return context.dagster_type.typing_type
+    except dg.DagsterInvariantViolationError:
+        return Any
+
+
+def _unwrap_optional(typing_type: Any) -> Any:
+    args = get_args(typing_type)
+    if get_origin(typing_type) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return typing_type
+
+
+def _kind(typing_type: Any) -> str | None:
+    if typing_type in (Any, object, None, type(None)):
+        return DATASET  # lazy: the safe default when nothing is asked for
+    if not isinstance(typing_type, type):
+        return None
+    if issubclass(typing_type, ds.Dataset):
+        return DATASET
+    if issubclass(typing_type, ChunkStream):
+        return STREAM
+    if issubclass(typing_type, pa.RecordBatchReader):
+        return READER
+    if issubclass(typing_type, pa.Table):
+        return TABLE
+    return None
+
+
+def _type_name(context: InputContext) -> str:
+    typing_type = _typing_type(context)
+    return getattr(typing_type, "__name__", None) or repr(typing_type)
+
+
+def _what(context: InputContext | OutputContext) -> str:
+    try:
+        if context.has_asset_key:
+            what = f"asset {context.asset_key.to_user_string()}"
+            if context.has_asset_partitions:
+                keys = context.asset_partition_keys
+                what += f" partition {keys[0]}" if len(keys) == 1 else f" ({len(keys)} partitions)"
+            return what
+    except dg.DagsterInvariantViolationError:
+        pass
+    return f"output {'/'.join(context.get_identifier())}"
+
+
+def _check_writable(obj: Any, context: OutputContext) -> None:
+    if isinstance(obj, (pa.Table, pa.RecordBatch, pa.RecordBatchReader, ds.Dataset, ChunkStream)):
+        return
+    if isinstance(obj, (list, tuple)) and all(
+        isinstance(item, (pa.Table, pa.RecordBatch)) for item in obj
+    ):
+        return
+    raise TypeError(
+        f"ChunkedParquetIOManager cannot write output {context.name!r} of type "
+        f"{type(obj).__name__}: return {WRITABLE}. A generator must be wrapped in "
+        "ChunkStream.from_batches(...) (Dagster treats yielded values as events)."
+    )
+
+
+def _columns(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"input metadata 'columns' must be a list of column names, got {value!r}")
+    columns = list(value)
+    if not columns or not all(isinstance(c, str) for c in columns):
+        raise ValueError(f"input metadata 'columns' must be a list of column names, got {value!r}")
+    return columns
+
+
+def to_expression(value: Any) -> pc.Expression | None:
+    """An input's ``filter`` metadata as a PyArrow expression (see the module docstring)."""
+    if value is None or isinstance(value, pc.Expression):
+        return value
+    if isinstance(value, (list, tuple)) and value:
+        normalized = _normalize_dnf(value)
+        try:
+            return pq.filters_to_expression(normalized)
+        except (TypeError, ValueError, pa.ArrowInvalid) as exc:
+            raise ValueError(f"input metadata 'filter' {value!r}: {exc}") from None
+    raise ValueError(
+        "input metadata 'filter' must be a non-empty list of (column, op, value) tuples, e.g. "
+        f"[('amount', '>', 0)], or [[...], [...]] for OR; got {value!r}"
+    )
+
+
+def _normalize_dnf(value: Sequence[Any]) -> list[Any]:
+    """Tuples from lists (Dagster's event log turns tuples into lists)."""
+
+    def predicate(item: Any) -> tuple:
+        if not isinstance(item, (list, tuple)) or len(item) != 3 or not isinstance(item[0], str):
+            raise ValueError(
+                f"input metadata 'filter': {item!r} is not a (column, op, value) predicate"
+            )
+        column, op, operand = item
+        if isinstance(operand, list):
+            operand = tuple(operand) if op in ("in", "not in") else operand
+        return (column, op, operand)
+
+    first = value[0]
+    is_predicate = (
+        isinstance(first, (list, tuple)) and len(first) == 3 and isinstance(first[0], str)
+    )
+    if is_predicate:
+        return [predicate(p) for p in value]
+    return [[predicate(p) for p in conjunction] for conjunction in value]
+
+
+def _project(
+    dataset: ds.Dataset, columns: list[str] | None, row_filter: pc.Expression | None
+) -> ds.Dataset:
+    """A lazy dataset restricted to ``columns`` and ``row_filter`` (nothing read yet)."""
+    if columns is not None:
+        missing = [c for c in columns if dataset.schema.get_field_index(c) < 0]
+        if missing:
+            raise ValueError(
+                f"input metadata 'columns': {missing} not in the dataset "
+                f"(it has {dataset.schema.names})"
+            )
+        dataset = dataset.replace_schema(pa.schema([dataset.schema.field(c) for c in columns]))
+    if row_filter is not None:
+        try:
+            dataset.scanner(filter=row_filter, batch_readahead=1, fragment_readahead=1)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(
+                f"input metadata 'filter' does not apply to this Dataset ({exc}); for a Dataset "
+                "input, the filter's columns must be among 'columns'"
+            ) from None
+        dataset = dataset.filter(row_filter)
+    return dataset
+
+
+def estimate_table_bytes(
+    dataset: ds.Dataset, columns: list[str] | None, row_filter: pc.Expression | None
+) -> int:
+    """In-memory size of ``dataset.to_table(columns, filter)``, from Parquet metadata.
+
+    Uses each row group's uncompressed size of the selected columns; with a filter, scales
+    by the fraction of rows that pass it (counted, reading only the filter's columns).
+    """
+    wanted = set(columns) if columns is not None else None
+    total_bytes = 0
+    total_rows = 0
+    for fragment in dataset.get_fragments():
+        meta = fragment.metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            total_rows += group.num_rows
+            for c in range(group.num_columns):
+                column = group.column(c)
+                top = column.path_in_schema.split(".", 1)[0]
+                if wanted is None or top in wanted:
+                    total_bytes += column.total_uncompressed_size
+    if row_filter is None or total_rows == 0:
+        return total_bytes
+    kept = dataset.count_rows(filter=row_filter, batch_readahead=1, fragment_readahead=1)
+    return math.ceil(total_bytes * kept / total_rows)
+
+
+def headroom_bytes(monitor: MemoryMonitor) -> int:
+    """What may still be allocated before any signal reaches EMERGENCY."""
+    reading = monitor.read()
+    rooms = [int(monitor.max_pyarrow_mb * MiB) - reading.pyarrow_bytes]
+    if monitor.max_process_memory_mb:
+        rooms.append(int(monitor.max_process_memory_mb * MiB) - reading.rss_bytes)
+    if reading.available_bytes is not None:
+        rooms.append(reading.available_bytes - int(monitor.min_system_available_mb * MiB))
+    return min(rooms)
