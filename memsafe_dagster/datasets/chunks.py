@@ -263,7 +263,7 @@ def _scan_stream(
             raise ValueError(
                 f"columns: {missing} not in the dataset (it has {dataset.schema.names})"
             )
-    options = _fragment_scan_options(dataset)
+    options = fragment_scan_options(dataset)
     try:
         # Building the scanner binds columns and filter to the schema (no I/O yet).
         scanner = dataset.scanner(
@@ -293,7 +293,7 @@ def _scan(scanner: ds.Scanner) -> Iterator[pa.RecordBatch]:
         reader.close()
 
 
-def _fragment_scan_options(dataset: ds.Dataset) -> ds.FragmentScanOptions | None:
+def fragment_scan_options(dataset: ds.Dataset) -> ds.FragmentScanOptions | None:
     """Local Parquet: no pre-buffering (it only pays off on high-latency stores, and it holds
     whole row groups of column chunks; measured on local disk: less memory, same speed)."""
     fmt = getattr(dataset, "format", None)
