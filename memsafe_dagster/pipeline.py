@@ -34,6 +34,7 @@ CRITICAL = MemoryPressureLevel.CRITICAL
 EMERGENCY = MemoryPressureLevel.EMERGENCY
 
 Stage = Callable[[Any], Any]
+MIN_GC_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -106,6 +107,7 @@ class MemoryAwarePipeline:
         self.chunk_size_rows = chunk_size_rows
         self.check_interval_s = check_interval_s
         self.stage_reports: list[StageReport] = []
+        self._last_gc = float("-inf")
 
     def load_initial_data(self) -> Any:
         """The data the pipeline starts from when ``process_pipeline`` is given none."""
@@ -233,13 +235,23 @@ class MemoryAwarePipeline:
     # -- pressure ---------------------------------------------------------------------------
 
     def _gate(self, report: StageReport, when: str, total: int) -> MemoryPressureLevel:
-        """Check pressure; collect at CRITICAL or above ``gc_threshold``; raise at EMERGENCY."""
+        """Check pressure; collect at CRITICAL or above ``gc_threshold``; raise at EMERGENCY.
+
+        Streaming stages collect at most every ``MIN_GC_INTERVAL_S`` while pressure persists
+        (a full collection can cost 100+ ms), except at EMERGENCY, which always collects.
+        """
         level = self.monitor.check_memory_pressure()
-        if level >= CRITICAL or self._over_gc_threshold(level):
+        due = (
+            not report.streaming
+            or level is EMERGENCY
+            or time.monotonic() - self._last_gc >= MIN_GC_INTERVAL_S
+        )
+        if due and (level >= CRITICAL or self._over_gc_threshold(level)):
             log.info(
                 "memory pressure %s %s stage %s: collecting garbage", level.value, when, report.name
             )
             gc.collect()
+            self._last_gc = time.monotonic()
             report.gc_collections += 1
             if level >= CRITICAL:
                 level = self.monitor.check_memory_pressure()

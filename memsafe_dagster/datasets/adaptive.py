@@ -17,7 +17,8 @@ EMERGENCY = MemoryPressureLevel.EMERGENCY
 class AdaptiveChunkSizer:
     """A ``before_chunk`` hook that sizes the next chunk from the monitor's pressure level.
 
-    WARNING shrinks the chunk x0.8, CRITICAL x0.5 and collects garbage, ``grow_after``
+    WARNING shrinks the chunk x0.8, CRITICAL x0.5 and collects garbage (at most every
+    ``min_gc_interval_s`` while CRITICAL persists), ``grow_after``
     consecutive NORMAL checks grow it x1.25 back toward ``requested_rows``. EMERGENCY collects
     once and rechecks; if it persists, ``MemoryPressureError`` carries the level and status.
     Chunks never shrink below ``min_rows`` (tiny chunks only add overhead). With
@@ -39,6 +40,7 @@ class AdaptiveChunkSizer:
         min_rows: int = 1_000,
         what: str = "streaming",
         min_check_interval_s: float = 0.0,
+        min_gc_interval_s: float = 1.0,
     ) -> None:
         if min_check_interval_s < 0:
             raise ValueError(
@@ -52,6 +54,8 @@ class AdaptiveChunkSizer:
         self.min_rows = min(min_rows, requested_rows)
         self.what = what
         self.min_check_interval_s = min_check_interval_s
+        self.min_gc_interval_s = min_gc_interval_s
+        self._last_gc: float | None = None
         self.checks = 0
         self._calm_checks = 0
         self._last_check: float | None = None
@@ -71,6 +75,7 @@ class AdaptiveChunkSizer:
         level = self._check()
         if level is EMERGENCY:
             gc.collect()
+            self._last_gc = time.monotonic()
             level = self._check()
             if level is EMERGENCY:
                 status = self.monitor.get_memory_status()
@@ -88,7 +93,7 @@ class AdaptiveChunkSizer:
             return
         if level is CRITICAL:
             self._calm_checks = 0
-            gc.collect()
+            self._collect()
             stream.chunk_size_rows = max(self.min_rows, int(size * 0.5))
         elif level is WARNING:
             self._calm_checks = 0
@@ -99,6 +104,14 @@ class AdaptiveChunkSizer:
                 stream.chunk_size_rows = min(self.requested_rows, int(size * 1.25) + 1)
                 self._calm_checks = 0
         self._size_set = stream.chunk_size_rows
+
+    def _collect(self) -> None:
+        # A full collection can take 100+ ms in a big process: under sustained CRITICAL
+        # pressure collect at most every ``min_gc_interval_s``, not before every tiny chunk.
+        now = time.monotonic()
+        if self._last_gc is None or now - self._last_gc >= self.min_gc_interval_s:
+            gc.collect()
+            self._last_gc = time.monotonic()
 
     def _skip_check(self) -> bool:
         if self.min_check_interval_s <= 0 or self._last_check is None:
