@@ -33,13 +33,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from dagster import InitResourceContext, InputContext, OutputContext, UPathIOManager
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, model_validator
 
 from memsafe_dagster import metadata as md
 from memsafe_dagster.datasets.chunks import process_in_chunks
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, list_data_files
 from memsafe_dagster.datasets.stream import ChunkStream
-from memsafe_dagster.datasets.writer import ChunkedParquetWriter
+from memsafe_dagster.datasets.writer import ChunkedParquetWriter, check_compression
 from memsafe_dagster.memory import MemoryMonitor
 from memsafe_dagster.memory.sizes import MiB
 from memsafe_dagster.resources import MemoryMonitorResource
@@ -95,13 +95,28 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
     _base_path: Any = PrivateAttr(default=None)
     _memory: MemoryMonitorResource | None = PrivateAttr(default=None)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _validate_config(cls, data: Any) -> Any:
+        # Raw values: an EnvVar is a placeholder until the run resolves it and validates again.
+        if not isinstance(data, Mapping):
+            return data
+        for name in ("chunk_size_rows", "row_group_size", "max_rows_per_file"):
+            value = data.get(name)
+            if value is None or hasattr(value, "env_var_name"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"ChunkedParquetIOManager.{name} must be a positive integer, got {value!r}"
+                )
+        compression = data.get("compression")
+        if compression is not None and not hasattr(compression, "env_var_name"):
+            check_compression(compression, None)
+        return data
+
     def setup_for_execution(self, context: InitResourceContext) -> None:
         from upath import UPath
 
-        for name in ("chunk_size_rows", "row_group_size", "max_rows_per_file"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"ChunkedParquetIOManager.{name} must be positive, got {value!r}")
         if self.base_path is not None:
             self._base_path = UPath(self.base_path, **self.filesystem_options)
         else:
@@ -139,7 +154,7 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         _check_writable(obj, context)
         retry = retry_number(context)
         chunk_rows = max(1, self.chunk_size_rows // 2**retry)
-        stage = f"writing {_what(context)} to {path}"
+        stage = f"writing {_what(context)} to {path} (chunk_size_rows={chunk_rows}, retry {retry})"
         partitioned = context.has_asset_partitions
         with self.memory_resource.track(context, stage=stage, record=False) as tracker:
             tracker.extra.update({md.CHUNK_SIZE_ROWS: chunk_rows, md.RETRY_NUMBER: retry})
