@@ -257,12 +257,7 @@ def _scan_stream(
     filter: pc.Expression | None,
     want_total: bool,
 ) -> ChunkStream:
-    if columns is not None:
-        missing = [c for c in columns if dataset.schema.get_field_index(c) < 0]
-        if missing:
-            raise ValueError(
-                f"columns: {missing} not in the dataset (it has {dataset.schema.names})"
-            )
+    _checked_schema(dataset.schema, columns, filter)
     options = fragment_scan_options(dataset)
     try:
         # Building the scanner binds columns and filter to the schema (no I/O yet).
@@ -362,7 +357,7 @@ def _checked_schema(
     if columns is not None:
         missing = [c for c in columns if schema.get_field_index(c) < 0]
         if missing:
-            raise ValueError(f"columns: {missing} not in the source (it has {schema.names})")
+            raise ValueError(f"columns: {missing} not in the data (it has {schema.names})")
     if filter is not None:
         try:
             schema.empty_table().filter(filter)
