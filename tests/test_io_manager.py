@@ -26,7 +26,11 @@ from dagster_helpers import (
 
 from memsafe_dagster import metadata as md
 from memsafe_dagster.datasets import ChunkStream
-from memsafe_dagster.io_managers import ChunkedParquetIOManager
+from memsafe_dagster.io_managers import (
+    ChunkedParquetIOManager,
+    estimate_table_bytes,
+    to_expression,
+)
 from memsafe_dagster.memory import detect_memory_limits
 from memsafe_dagster.resources import MemoryMonitorResource
 
@@ -266,6 +270,7 @@ def _consumer(annotation: Any, seen: list, metadata: dict | None = None) -> dg.A
         (pa.RecordBatchReader, pa.RecordBatchReader),
         (ChunkStream, ChunkStream),
         (pa.Table, pa.Table),
+        (pa.Table | None, pa.Table),
         (None, ds.Dataset),  # no annotation: the lazy Dataset, never a surprise load
     ],
 )
@@ -594,3 +599,39 @@ def test_any_fsspec_url_is_a_base_path() -> None:
 def test_bad_io_manager_config_is_rejected_by_name(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ChunkedParquetIOManager(**kwargs)
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+def test_filter_metadata_forms_become_expressions() -> None:
+    table = numbers(20)
+    cases = [
+        ([("id", "<", 3)], [0, 1, 2]),
+        ([["id", ">", 17]], [18, 19]),  # lists, as Dagster's event log stores tuples
+        ([[("id", "=", 1)], [("id", "=", 5), ("name", "==", "n5")]], [1, 5]),
+        (
+            [("id", "not in", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])],
+            [17, 18, 19],
+        ),
+        (pc.field("id") == 4, [4]),
+    ]
+    for value, ids in cases:
+        expression = to_expression(value)
+        assert isinstance(expression, pc.Expression)
+        assert table.filter(expression)["id"].to_pylist() == ids, value
+    assert to_expression(None) is None
+    with pytest.raises(ValueError, match="non-empty list"):
+        to_expression([])
+
+
+def test_estimate_of_a_table_load_is_close_to_its_real_size(tmp_path: Path) -> None:
+    table = numbers(200_000)
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=50_000)
+    dataset = ds.dataset(str(tmp_path / "a.parquet"))
+    estimate = estimate_table_bytes(dataset, None, None)
+    assert 0.5 * table.nbytes <= estimate <= 2 * table.nbytes
+    only_id = estimate_table_bytes(dataset, ["id"], None)
+    assert 0.5 * table["id"].nbytes <= only_id <= 2 * table["id"].nbytes
+    tenth = estimate_table_bytes(dataset, None, pc.field("id") < 20_000)
+    assert tenth == pytest.approx(estimate / 10, rel=0.01)
