@@ -12,7 +12,12 @@ Protocol (state lives under ``<target>/_memsafe/``, which every reader skips):
 A crash before step 3 leaves only staging, which recovery deletes: the dataset is as before.
 A crash after it leaves a record, which recovery applies again (every step is idempotent):
 the dataset is as after. Final names are always new (``part-<txn>-NNNNN.parquet``), so a
-replayed move can never clobber live data.
+replayed move can never clobber live data. Empty state directories are removed when a
+transaction ends, so a failed first write leaves the target exactly as it was.
+
+Tests kill the writer at each step: with ``MEMSAFE_CRASH_AT=<step>`` in the environment the
+process SIGKILLs itself when it reaches that step (``crash_point``; steps are listed in
+``CRASH_POINTS``). Unset, the hook costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -36,6 +42,22 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = "_memsafe"
 RECORD_VERSION = 1
+CRASH_ENV = "MEMSAFE_CRASH_AT"
+CRASH_POINTS = (
+    "commit-staged",  # every file staged, no record yet
+    "commit-recorded",  # record written, nothing applied
+    "commit-moved-one",  # first staged file moved to its final name
+    "commit-moved",  # every file moved, nothing removed
+    "commit-removed-one",  # first replaced file removed
+    "commit-applied",  # applied, record not yet deleted
+    "commit-record-deleted",  # record deleted, staging not yet removed
+)
+
+
+def crash_point(name: str) -> None:
+    """Die by SIGKILL here when ``MEMSAFE_CRASH_AT`` names this step (fault-injection tests)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class DatasetLockedError(RuntimeError):
@@ -171,7 +193,9 @@ class DatasetLock:
         if is_local(self.fs):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            except (FileExistsError, FileNotFoundError):
+                # FileNotFoundError: a finishing writer removed the empty state directory
+                # between our makedirs and open; the next attempt recreates it.
                 return False
             with os.fdopen(fd, "wb") as fh:
                 fh.write(self._payload())
@@ -286,8 +310,10 @@ class DatasetTransaction:
         try:
             if self._committed is None:
                 _remove_tree(self.fs, self.staging)
+            _tidy_state(self.fs, self.target)
         finally:
             self.lock.release()
+            _rmdir_if_empty(self.fs, join(self.target, STATE_DIR))
 
     def new_file(self, relative_path: str | None = None, *, prefix: str = "part") -> str:
         """A staging path for a new data file; ``relative_path`` (inside the target) is its
@@ -334,8 +360,10 @@ class DatasetTransaction:
         if self.durable and is_local(self.fs):
             for staged, _ in record.add:
                 _fsync_file(join(self.target, staged))
+        crash_point("commit-staged")
         _write_record(self.fs, self.target, record, durable=self.durable)
         self._committed = record
+        crash_point("commit-recorded")
         _apply(self.fs, self.target, record)
         return record
 
@@ -371,6 +399,8 @@ def recover(
         return RecoveryReport(lock_broken=broken)
     with lock:
         report = _recover_locked(fs, target)
+        _tidy_state(fs, target)
+    _rmdir_if_empty(fs, join(target, STATE_DIR))
     report.lock_broken = broken or lock.broke_stale
     return report
 
@@ -424,7 +454,7 @@ def _write_record(
 def _apply(fs: fsspec.AbstractFileSystem, target: str, record: CommitRecord) -> None:
     """Apply ``record``; safe to repeat after a crash at any point."""
     replaced = {path for _, path in record.add}
-    for staged_rel, final_rel in record.add:
+    for i, (staged_rel, final_rel) in enumerate(record.add):
         staged, final = join(target, staged_rel), join(target, final_rel)
         if fs.exists(staged):
             parent = final.rsplit("/", 1)[0]
@@ -439,13 +469,22 @@ def _apply(fs: fsspec.AbstractFileSystem, target: str, record: CommitRecord) -> 
                 f"commit {record.txn} on {target}: staged file {staged_rel} and its final "
                 f"name {final_rel} are both missing; the dataset needs manual repair"
             )
+        if i == 0:
+            crash_point("commit-moved-one")
+    crash_point("commit-moved")
+    removed = 0
     for final_rel in record.remove:
         if final_rel in replaced:
             continue
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(join(target, final_rel))
+        removed += 1
+        if removed == 1:
+            crash_point("commit-removed-one")
+    crash_point("commit-applied")
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(_record_path(target, record.txn))
+    crash_point("commit-record-deleted")
     _remove_tree(fs, join(target, STATE_DIR, "staging", record.txn))
 
 
@@ -470,6 +509,21 @@ def _recover_locked(fs: fsspec.AbstractFileSystem, target: str) -> RecoveryRepor
             _remove_tree(fs, path)
             report.orphans_removed.append(path.rsplit("/", 1)[-1])
     return report
+
+
+def _tidy_state(fs: fsspec.AbstractFileSystem, target: str) -> None:
+    """Remove the state directories that are empty (never one holding a record or staging)."""
+    state = join(target, STATE_DIR)
+    for sub in ("staging", "commits"):
+        _rmdir_if_empty(fs, join(state, sub))
+
+
+def _rmdir_if_empty(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    with contextlib.suppress(OSError, FileNotFoundError, ValueError):
+        if is_local(fs):
+            os.rmdir(path)  # fails, harmlessly, when not empty
+        elif fs.exists(path) and not fs.ls(path, detail=False):
+            fs.rmdir(path)
 
 
 def _remove_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -1,0 +1,213 @@
+"""The merge's memory guard and progress: one object every phase reports to.
+
+``check(phase)`` reads the pressure level (a few tens of microseconds): WARNING halves the
+number of files processed at once and shrinks chunks, CRITICAL also collects garbage and
+returns PyArrow's cached memory to the OS, EMERGENCY does both, rechecks, and raises
+``MemoryPressureError`` naming the phase. A background sampler keeps the peaks between checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pyarrow as pa
+
+from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError, MemoryPressureLevel
+from memsafe_dagster.memory.process import peak_rss_bytes
+
+NORMAL = MemoryPressureLevel.NORMAL
+WARNING = MemoryPressureLevel.WARNING
+CRITICAL = MemoryPressureLevel.CRITICAL
+EMERGENCY = MemoryPressureLevel.EMERGENCY
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class MergeGuard:
+    """Pressure checks, adaptive chunk sizes, a concurrency limit, peaks and progress."""
+
+    def __init__(
+        self,
+        monitor: MemoryMonitor,
+        *,
+        workers: int,
+        chunk_rows: int,
+        progress_callback: ProgressCallback | None = None,
+        sample_interval_s: float = 0.05,
+    ) -> None:
+        self.monitor = monitor
+        self.workers = workers
+        self.requested_rows = chunk_rows
+        self._chunk_rows = chunk_rows
+        self._calm = 0
+        self.level = NORMAL
+        self.max_pressure = NORMAL
+        self.peak_rss = 0
+        self.peak_pyarrow = 0
+        self.phase = "starting"
+        self._callback = progress_callback
+        self._done = 0
+        self._total = 0
+        self._progress_lock = threading.Lock()
+        self._slots = threading.Condition()
+        self._active = 0
+        self._interval = sample_interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hwm_start = peak_rss_bytes() or 0
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    def __enter__(self) -> MergeGuard:
+        self._record(*self.monitor.sample())
+        self._thread = threading.Thread(target=self._run, name="memsafe-merge-guard", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        with contextlib.suppress(Exception):
+            self._record(*self.monitor.sample())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with contextlib.suppress(Exception):
+                self._record(*self.monitor.sample())
+
+    def _record(self, reading, level: MemoryPressureLevel) -> None:
+        self.peak_rss = max(self.peak_rss, reading.rss_bytes)
+        self.peak_pyarrow = max(self.peak_pyarrow, reading.pyarrow_bytes)
+        self.max_pressure = max(self.max_pressure, level)
+        self.level = level
+
+    @property
+    def peak_rss_mb(self) -> float:
+        hwm = peak_rss_bytes() or 0
+        peak = max(self.peak_rss, hwm) if hwm > self._hwm_start else self.peak_rss
+        return peak / 2**20
+
+    @property
+    def peak_pyarrow_mb(self) -> float:
+        return self.peak_pyarrow / 2**20
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def check(self, phase: str) -> MemoryPressureLevel:
+        """Read the pressure level and act on it; raises at EMERGENCY."""
+        self.phase = phase
+        reading, level = self.monitor.sample()
+        self._record(reading, level)
+        if level >= CRITICAL:
+            _release_memory()
+            reading, level = self.monitor.sample()
+            self._record(reading, level)
+            if level is EMERGENCY:
+                status = self.monitor.status_of(reading, level)
+                raise MemoryPressureError(
+                    f"memory pressure EMERGENCY during merge phase '{phase}': "
+                    f"{self.monitor.get_detailed_status()}. Nothing was committed; the target "
+                    "is unchanged. Lower merge_chunk_size_rows, or raise the memory budget",
+                    level=level,
+                    status=status,
+                )
+        self._adapt(level)
+        return level
+
+    def _adapt(self, level: MemoryPressureLevel) -> None:
+        size = self._chunk_rows
+        if level >= CRITICAL:
+            self._calm = 0
+            self._chunk_rows = max(1_000, size // 2)
+        elif level is WARNING:
+            self._calm = 0
+            self._chunk_rows = max(1_000, int(size * 0.8))
+        else:
+            self._calm += 1
+            if self._calm >= 3 and size < self.requested_rows:
+                self._chunk_rows = min(self.requested_rows, int(size * 1.25) + 1)
+                self._calm = 0
+        if level < WARNING:
+            with self._slots:
+                self._slots.notify_all()
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per chunk now (smaller under pressure, back to the request when calm)."""
+        return self._chunk_rows
+
+    @property
+    def allowed_workers(self) -> int:
+        return 1 if self.level >= WARNING else self.workers
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the concurrent-work slots (one only, under pressure)."""
+        with self._slots:
+            while self._active >= self.allowed_workers:
+                self._slots.wait(timeout=0.05)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._slots:
+                self._active -= 1
+                self._slots.notify_all()
+
+    # -- progress ---------------------------------------------------------------------------
+
+    def add_total(self, rows: int) -> None:
+        with self._progress_lock:
+            self._total += max(0, rows)
+            self._emit()
+
+    def set_total(self, rows: int) -> None:
+        with self._progress_lock:
+            self._total = max(rows, self._done)
+            self._emit()
+
+    def advance(self, rows: int) -> None:
+        if rows <= 0:
+            return
+        with self._progress_lock:
+            self._done += rows
+            self._total = max(self._total, self._done)
+            self._emit()
+
+    def finish_progress(self) -> None:
+        with self._progress_lock:
+            self._total = self._done = max(self._done, self._total)
+            self._emit()
+
+    @property
+    def done(self) -> int:
+        return self._done
+
+    def _emit(self) -> None:
+        if self._callback is not None:
+            self._callback(self._done, self._total)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(Exception):
+        pa.default_memory_pool().release_unused()
+
+
+def timed(phases: dict[str, float], name: str) -> contextlib.AbstractContextManager[None]:
+    """Add the wall time of a block to ``phases[name]``."""
+
+    @contextlib.contextmanager
+    def _timer() -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+    return _timer()

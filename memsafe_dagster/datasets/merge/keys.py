@@ -1,0 +1,497 @@
+"""Compact key index: every key as one uint64 "code", sorted, never a Python object per key.
+
+A single integer-like key column (ints, dates, timestamps, times, durations) is *exact*: its
+code is the value itself, mapped so that unsigned order equals the key's order (so a sorted
+index also answers "is any source key within [min, max]" for statistics pruning). Any other key
+(strings, binary, decimals, composite keys) is *hashed* to a 64-bit code; the index then keeps
+the source's key values too and every code match is verified against them, so a hash collision
+can cost a comparison but never a wrong match.
+
+Lookups go through a bitmap prefilter (a few bits per key, built once) and a binary search on
+the sorted codes: no per-call hash-set rebuild (the ``pc.is_in`` trap) and no Python loop per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memsafe_dagster.datasets.merge.validate import key_value_type
+
+SIGN = np.uint64(1 << 63)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_P = np.uint64(0x100000001B3)
+_STRING_CHUNK_BYTES = 1 << 20
+_POW_LEN = 4096
+_POW = np.concatenate(
+    [np.ones(1, dtype=np.uint64), np.cumprod(np.full(_POW_LEN - 1, _P, dtype=np.uint64))]
+)
+
+
+def mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a fast bijection that scatters every input bit."""
+    z = x ^ (x >> np.uint64(30))
+    z *= _M1
+    z ^= z >> np.uint64(27)
+    z *= _M2
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def is_exact_type(t: pa.DataType) -> bool:
+    """Types whose values fit in 64 bits and order like integers."""
+    t = key_value_type(t)
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_date(t)
+        or pa.types.is_timestamp(t)
+        or pa.types.is_time(t)
+        or pa.types.is_duration(t)
+    )
+
+
+def _combined(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if getattr(pa.types, "is_string_view", lambda _t: False)(column.type):
+        column = column.cast(pa.large_string())
+    if getattr(pa.types, "is_binary_view", lambda _t: False)(column.type):
+        column = column.cast(pa.large_binary())
+    return column
+
+
+def exact_codes(array: pa.Array) -> np.ndarray:
+    """Order-preserving uint64 codes of an integer-like array (nulls give arbitrary codes)."""
+    t = array.type
+    if array.null_count:
+        array = pc.fill_null(array, pa.scalar(0, t))
+    if pa.types.is_integer(t):
+        values = array.to_numpy(zero_copy_only=False)
+        if pa.types.is_signed_integer(t):
+            return values.astype(np.int64, copy=False).view(np.uint64) ^ SIGN
+        return values.astype(np.uint64, copy=False)
+    values = array.view(_int_view_type(t)).to_numpy(zero_copy_only=False)
+    return values.astype(np.int64, copy=False).view(np.uint64) ^ SIGN
+
+
+def _int_view_type(t: pa.DataType) -> pa.DataType:
+    return pa.int32() if t.bit_width == 32 else pa.int64()
+
+
+def exact_code_of(value: int, t: pa.DataType) -> np.uint64:
+    """The code of one integer value of type ``t`` (for statistics bounds)."""
+    if pa.types.is_unsigned_integer(t):
+        return np.uint64(value)
+    return np.array([value], dtype=np.int64).view(np.uint64)[0] ^ SIGN
+
+
+def decode_exact(code: np.uint64, t: pa.DataType) -> object:
+    """The key value behind an exact code (for messages)."""
+    t = key_value_type(t)
+    if pa.types.is_unsigned_integer(t):
+        return int(code)
+    raw = int(np.array([code ^ SIGN], dtype=np.uint64).view(np.int64)[0])
+    if pa.types.is_integer(t):
+        return raw
+    return pa.array([raw], pa.int64()).cast(_int_view_type(t)).view(t)[0].as_py()
+
+
+def _bytes_hash(array: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each string/binary value, vectorized over the data buffer."""
+    n = len(array)
+    out = np.zeros(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    large = pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type)
+    bufs = array.buffers()
+    off_type = np.int64 if large else np.int32
+    offsets = np.frombuffer(bufs[1], dtype=off_type)[array.offset : array.offset + n + 1]
+    offsets = offsets.astype(np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    row = 0
+    while row < n:
+        # Rows [row, stop) hold about _STRING_CHUNK_BYTES bytes: bounded temporaries.
+        limit = offsets[row] + _STRING_CHUNK_BYTES
+        stop = int(np.searchsorted(offsets, limit, side="right")) - 1
+        stop = min(n, max(stop, row + 1))
+        lo, hi = int(offsets[row]), int(offsets[stop])
+        lens = lengths[row:stop]
+        if hi > lo:
+            chunk = data[lo:hi].astype(np.uint64) + np.uint64(1)
+            starts = offsets[row:stop] - lo
+            rel = np.arange(hi - lo, dtype=np.int64) - np.repeat(starts, lens)
+            chunk *= _POW[rel & (_POW_LEN - 1)]
+            nonempty = lens > 0
+            sums = np.zeros(stop - row, dtype=np.uint64)
+            sums[nonempty] = np.add.reduceat(chunk, starts[nonempty])
+        else:
+            sums = np.zeros(stop - row, dtype=np.uint64)
+        out[row:stop] = sums + lens.astype(np.uint64) * _GOLDEN
+        row = stop
+    return mix(out)
+
+
+def _fixed_hash(array: pa.Array, width: int) -> np.ndarray:
+    n = len(array)
+    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    data = data[array.offset * width : (array.offset + n) * width].reshape(n, width)
+    pad = (-width) % 8
+    if pad:
+        data = np.concatenate([data, np.zeros((n, pad), dtype=np.uint8)], axis=1)
+    words = np.ascontiguousarray(data).view(np.uint64)
+    h = np.full(n, np.uint64(width), dtype=np.uint64)
+    for i in range(words.shape[1]):
+        h = mix(h * _P + words[:, i])
+    return h
+
+
+def column_hash(array: pa.Array) -> np.ndarray:
+    """A 64-bit hash per value of any key type (nulls give arbitrary values)."""
+    t = array.type
+    if is_exact_type(t):
+        return mix(exact_codes(array) + _GOLDEN)
+    if pa.types.is_boolean(t):
+        return mix(pc.fill_null(array, False).cast(pa.uint8()).to_numpy().astype(np.uint64))
+    if pa.types.is_string(t) or pa.types.is_binary(t):
+        return _bytes_hash(array)
+    if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        return _bytes_hash(array)
+    if pa.types.is_fixed_size_binary(t):
+        return _fixed_hash(array, t.byte_width)
+    if pa.types.is_decimal(t):
+        return _fixed_hash(array.view(pa.binary(t.byte_width)), t.byte_width)
+    raise ValueError(f"cannot hash key values of type {t}")
+
+
+class KeyCodec:
+    """Turns the key columns of a table (in the target's types) into uint64 codes."""
+
+    def __init__(self, schema: pa.Schema, keys: Sequence[str]) -> None:
+        self.keys = tuple(keys)
+        self.types = [key_value_type(schema.field(k).type) for k in keys]
+        self.exact = len(keys) == 1 and is_exact_type(self.types[0])
+
+    def key_arrays(self, table: pa.Table) -> list[pa.Array]:
+        return [_combined(table.column(k)) for k in self.keys]
+
+    def codes(self, arrays: Sequence[pa.Array]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(codes, valid)``: ``valid`` is None when no key value is null."""
+        valid = None
+        for a in arrays:
+            if a.null_count:
+                v = a.is_valid().to_numpy(zero_copy_only=False)
+                valid = v if valid is None else (valid & v)
+        if self.exact:
+            return exact_codes(arrays[0]), valid
+        h = np.full(len(arrays[0]), np.uint64(len(arrays)), dtype=np.uint64)
+        for a in arrays:
+            h = mix(h * _P + column_hash(a))
+        return h, valid
+
+
+class DuplicateKeyError(ValueError):
+    """Duplicate keys in the source (``on_duplicate_keys="error"``)."""
+
+
+@dataclass
+class BuildStats:
+    duplicates_dropped: int = 0
+
+
+class KeyIndex:
+    """Sorted source key codes with their source positions (and key values when hashed).
+
+    ``lookup`` maps target key codes to the index entries they match; ``matched`` marks the
+    entries that matched at least one target row.
+    """
+
+    def __init__(
+        self,
+        codes: np.ndarray,
+        positions: np.ndarray,
+        key_values: pa.Table | None,
+        *,
+        exact: bool,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> None:
+        self.codes = codes
+        self.positions = positions
+        self.key_values = key_values
+        self.exact = exact
+        self.lo = np.uint64(lo)
+        self.hi = None if hi is None else np.uint64(hi)
+        self.matched = np.zeros(len(codes), dtype=bool)
+        n = len(codes)
+        self.bits = int(min(30, max(12, np.ceil(np.log2(max(n, 1) * 16)))))
+        self._shift = np.uint64(64 - self.bits)
+        self.bitmap = np.zeros(1 << (self.bits - 3), dtype=np.uint8)
+        if n:
+            h = mix(codes) >> self._shift
+            bit = np.left_shift(np.uint8(1), (h & np.uint64(7)).astype(np.uint8))
+            np.bitwise_or.at(self.bitmap, h >> np.uint64(3), bit)
+        self._key_arrays = (
+            [_combined(c) for c in key_values.columns] if key_values is not None else None
+        )
+        self._column_ranges: list[object] | None = None
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.key_values.nbytes if self.key_values is not None else 0
+        return self.codes.nbytes + self.positions.nbytes + self.bitmap.nbytes + len(self) + extra
+
+    # -- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        codes: np.ndarray,
+        positions: np.ndarray,
+        key_values: pa.Table | None,
+        *,
+        exact: bool,
+        on_duplicate: str,
+        key_names: Sequence[str],
+        key_type: pa.DataType | None = None,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> tuple[KeyIndex, np.ndarray]:
+        """Sort, resolve duplicate keys by ``on_duplicate`` and index.
+
+        ``positions`` must ascend (source order). Returns the index and the source positions
+        dropped as duplicates ("first"/"last"); raises ``DuplicateKeyError`` for "error".
+        """
+        order = np.argsort(codes, kind="stable")
+        codes = codes[order]
+        positions = positions[order]
+        if key_values is not None:
+            key_values = key_values.take(pa.array(order))
+        same = codes[1:] == codes[:-1]
+        dropped = np.zeros(0, dtype=np.int64)
+        if same.any():
+            if not exact:
+                codes, positions, key_values, same = _regroup_hashed(
+                    codes, positions, key_values, same
+                )
+            if same.any():
+                if on_duplicate == "error":
+                    first = int(np.flatnonzero(same)[0])
+                    if key_values is not None:
+                        example = {
+                            k: key_values.column(i)[first].as_py() for i, k in enumerate(key_names)
+                        }
+                    else:
+                        value = codes[first]
+                        example = {
+                            key_names[0]: decode_exact(value, key_type)
+                            if key_type is not None
+                            else int(value)
+                        }
+                    raise DuplicateKeyError(_duplicate_message(key_names, example, int(same.sum())))
+                keep = np.ones(len(codes), dtype=bool)
+                if on_duplicate == "first":
+                    keep[1:][same] = False
+                else:
+                    keep[:-1][same] = False
+                dropped = positions[~keep]
+                codes, positions = codes[keep], positions[keep]
+                if key_values is not None:
+                    key_values = key_values.filter(pa.array(keep))
+        return cls(codes, positions, key_values, exact=exact, lo=lo, hi=hi), dropped
+
+    # -- lookups ----------------------------------------------------------------------------------
+
+    def candidates(self, codes: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+        """Rows whose code may be in the index (the bitmap says no for most non-members)."""
+        h = mix(codes) >> self._shift
+        hit = (self.bitmap[h >> np.uint64(3)] >> (h & np.uint64(7)).astype(np.uint8)) & 1
+        mask = hit.astype(bool)
+        if valid is not None:
+            mask &= valid
+        if self.lo or self.hi is not None:
+            mask &= codes >= self.lo
+            if self.hi is not None:
+                mask &= codes < self.hi
+        return np.flatnonzero(mask)
+
+    def lookup(
+        self,
+        codes: np.ndarray,
+        valid: np.ndarray | None,
+        key_arrays: Sequence[pa.Array] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, entries)``: target rows that match, and the index entry each one matches."""
+        n = len(self.codes)
+        if n == 0 or len(codes) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows = self.candidates(codes, valid)
+        if len(rows) == 0:
+            return rows.astype(np.int64), np.zeros(0, np.int64)
+        wanted = codes[rows]
+        entries = np.searchsorted(self.codes, wanted)
+        found = entries < n
+        found[found] = self.codes[entries[found]] == wanted[found]
+        rows, entries, wanted = rows[found], entries[found], wanted[found]
+        if self.exact or len(rows) == 0:
+            return rows.astype(np.int64), entries.astype(np.int64)
+        assert key_arrays is not None and self.key_values is not None
+        ok = self._verify(key_arrays, rows, entries)
+        done_rows, done_entries = [rows[ok]], [entries[ok]]
+        rows, entries, wanted = rows[~ok], entries[~ok], wanted[~ok]
+        # Distinct source keys sharing a code sit next to each other: try the next ones.
+        while len(rows):
+            entries = entries + 1
+            more = entries < n
+            more[more] = self.codes[entries[more]] == wanted[more]
+            rows, entries, wanted = rows[more], entries[more], wanted[more]
+            if not len(rows):
+                break
+            ok = self._verify(key_arrays, rows, entries)
+            done_rows.append(rows[ok])
+            done_entries.append(entries[ok])
+            rows, entries, wanted = rows[~ok], entries[~ok], wanted[~ok]
+        return (
+            np.concatenate(done_rows).astype(np.int64),
+            np.concatenate(done_entries).astype(np.int64),
+        )
+
+    def _verify(
+        self, key_arrays: Sequence[pa.Array], rows: np.ndarray, entries: np.ndarray
+    ) -> np.ndarray:
+        assert self._key_arrays is not None
+        ok = None
+        row_idx, entry_idx = pa.array(rows), pa.array(entries)
+        for i, target in enumerate(key_arrays):
+            a = target.take(row_idx)
+            b = self._key_arrays[i].take(entry_idx)
+            eq = pc.fill_null(pc.equal(a, b), False)
+            ok = eq if ok is None else pc.and_(ok, eq)
+        return ok.to_numpy(zero_copy_only=False)
+
+    # -- statistics pruning ------------------------------------------------------------------------
+
+    def may_contain_range(self, bounds: Sequence[tuple[object, object] | None]) -> bool:
+        """False only when some key column's [min, max] holds none of this index's values.
+
+        ``bounds`` has one entry per key column: ``(lo, hi)`` as codes (integer-like columns)
+        or Python str/bytes (string/binary columns), or None when unknown.
+        """
+        if len(self) == 0:
+            return False
+        if self.exact:
+            b = bounds[0]
+            if b is None:
+                return True
+            lo, hi = b
+            i = np.searchsorted(self.codes, np.uint64(lo), side="left")
+            j = np.searchsorted(self.codes, np.uint64(hi), side="right")
+            return bool(j > i)
+        ranges = self._ranges()
+        for b, r in zip(bounds, ranges, strict=True):
+            if b is None or r is None:
+                continue
+            if not _any_within(r, b[0], b[1]):
+                return False
+        return True
+
+    def _ranges(self) -> list[object]:
+        """Per key column: sorted unique values (numpy codes, or an Arrow array), or None."""
+        if self._column_ranges is None:
+            out: list[object] = []
+            assert self.key_values is not None
+            for i in range(self.key_values.num_columns):
+                col = _combined(self.key_values.column(i))
+                t = col.type
+                if is_exact_type(t):
+                    out.append(np.unique(exact_codes(col)))
+                elif (
+                    pa.types.is_string(t)
+                    or pa.types.is_large_string(t)
+                    or pa.types.is_binary(t)
+                    or pa.types.is_large_binary(t)
+                ):
+                    uniq = pc.unique(col)
+                    out.append(uniq.take(pc.sort_indices(uniq)))
+                else:
+                    out.append(None)
+            self._column_ranges = out
+        return self._column_ranges
+
+
+def _any_within(values: object, lo: object, hi: object) -> bool:
+    if isinstance(values, np.ndarray):
+        i = np.searchsorted(values, np.uint64(lo), side="left")
+        j = np.searchsorted(values, np.uint64(hi), side="right")
+        return bool(j > i)
+    arr = values
+    n = len(arr)  # type: ignore[arg-type]
+    # Binary search with O(log n) scalar reads (a Python object per probe, not per key).
+    a, b = 0, n
+    while a < b:
+        mid = (a + b) // 2
+        if arr[mid].as_py() < lo:  # type: ignore[index]
+            a = mid + 1
+        else:
+            b = mid
+    return a < n and arr[a].as_py() <= hi  # type: ignore[index]
+
+
+def _regroup_hashed(
+    codes: np.ndarray,
+    positions: np.ndarray,
+    key_values: pa.Table | None,
+    same: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, pa.Table | None, np.ndarray]:
+    """Within runs of equal codes, sort by the key values (then position) so equal keys are
+    adjacent, and report adjacency of *equal keys* rather than equal codes."""
+    assert key_values is not None
+    in_run = np.zeros(len(codes), dtype=bool)
+    in_run[1:] |= same
+    in_run[:-1] |= same
+    slots = np.flatnonzero(in_run)
+    sub = key_values.take(pa.array(slots))
+    sub = sub.append_column("__code", pa.array(codes[slots])).append_column(
+        "__pos", pa.array(positions[slots])
+    )
+    sort_keys = [("__code", "ascending")]
+    sort_keys += [(name, "ascending") for name in key_values.column_names]
+    sort_keys.append(("__pos", "ascending"))
+    perm = pc.sort_indices(sub, sort_keys=sort_keys).to_numpy()
+    new_slots = slots[perm]
+    codes[slots] = codes[new_slots]
+    positions[slots] = positions[new_slots]
+    full = np.arange(len(codes))
+    full[slots] = new_slots
+    key_values = key_values.take(pa.array(full))
+    same = codes[1:] == codes[:-1]
+    idx = np.flatnonzero(same)
+    if len(idx):
+        left = key_values.take(pa.array(idx))
+        right = key_values.take(pa.array(idx + 1))
+        eq = None
+        for i in range(key_values.num_columns):
+            e = pc.fill_null(pc.equal(left.column(i), right.column(i)), False)
+            eq = e if eq is None else pc.and_(eq, e)
+        same = same.copy()
+        same[idx] = eq.to_numpy(zero_copy_only=False)
+    return codes, positions, key_values, same
+
+
+def _duplicate_message(key_names: Sequence[str], example: dict, count: int) -> str:
+    return (
+        f"duplicate key(s) in the source on key column(s) {list(key_names)}: {count} row(s) "
+        f"repeat an earlier key, e.g. {example}. Deduplicate the source, or pass "
+        "on_duplicate_keys='first' or 'last' to keep one row per key"
+    )

@@ -1,0 +1,102 @@
+"""The merge's tuning options (``**options`` of ``merge_dataset``), validated up front."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+STRATEGIES = ("insert", "update", "upsert", "delete", "full_merge")
+DUPLICATE_POLICIES = ("error", "first", "last")
+COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "brotli", "none")
+
+DEFAULT_ROW_GROUP_SIZE = 131_072
+DEFAULT_TARGET_FILE_ROWS = 1_048_576
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Options of ``merge_dataset`` beyond the contract's parameters.
+
+    - ``row_group_size``: rows per row group in every file the merge writes (default 131072,
+      lowered automatically when such a row group would not fit the memory budget).
+    - ``target_file_rows``: at most this many rows per file of new rows (default 1048576), so
+      merges do not leave a swarm of tiny files.
+    - ``compact_small_files``: fold the under-full files of new rows that earlier merges left
+      (``ins-*.parquet`` below ``target_file_rows``) into this merge's new files (default True).
+    - ``compression``: codec of written files; default: the target's own codec (zstd for a new
+      dataset). ``compression_level`` passes through.
+    - ``use_dictionary``: True/False/list of columns; default: dictionary-encode only the
+      columns whose values repeat (sampled), which writes several times faster.
+    - ``lock_timeout_s``: how long a second writer waits for the lock (default 30 s) before
+      ``DatasetLockedError``.
+    - ``workers``: files processed concurrently (default: CPUs available, at most 4; drops to 1
+      under memory pressure).
+    - ``index_memory_mb``: memory for the in-memory source key index (default 40 % of
+      ``merge_max_memory_mb``); a larger source is spilled to disk and matched in passes.
+    - ``durable``: fsync staged files and the commit record (survives power loss, not only
+      process death; slower).
+    """
+
+    row_group_size: int | None = None
+    target_file_rows: int = DEFAULT_TARGET_FILE_ROWS
+    compact_small_files: bool = True
+    compression: str | None = None
+    compression_level: int | None = None
+    use_dictionary: bool | Sequence[str] | None = None
+    lock_timeout_s: float = 30.0
+    workers: int | None = None
+    index_memory_mb: float | None = None
+    durable: bool = False
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any]) -> MergeOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown merge option(s) {unknown}: expected any of {sorted(known)}")
+        opts = cls(**dict(options))
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        _positive_int("row_group_size", self.row_group_size, allow_none=True)
+        _positive_int("target_file_rows", self.target_file_rows)
+        _positive_int("workers", self.workers, allow_none=True)
+        if self.compression is not None and str(self.compression).lower() not in COMPRESSIONS:
+            raise ValueError(
+                f"compression must be one of {list(COMPRESSIONS)}, got {self.compression!r}"
+            )
+        if not isinstance(self.lock_timeout_s, (int, float)) or self.lock_timeout_s < 0:
+            raise ValueError(f"lock_timeout_s must be >= 0 seconds, got {self.lock_timeout_s!r}")
+        if self.index_memory_mb is not None and (
+            not isinstance(self.index_memory_mb, (int, float)) or self.index_memory_mb <= 0
+        ):
+            raise ValueError(
+                f"index_memory_mb must be a positive number, got {self.index_memory_mb!r}"
+            )
+        if not isinstance(self.use_dictionary, (bool, type(None))) and (
+            isinstance(self.use_dictionary, str)
+            or not all(isinstance(c, str) for c in self.use_dictionary)
+        ):
+            raise ValueError(
+                f"use_dictionary must be True, False or a list of column names, got "
+                f"{self.use_dictionary!r}"
+            )
+
+    def worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, 4))
+
+
+def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

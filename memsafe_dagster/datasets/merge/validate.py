@@ -1,0 +1,251 @@
+"""Validation and schema conformance: every problem is a ValueError naming the column.
+
+The output schema is the target's. Source columns are cast to it when the cast cannot lose
+information (same kind of type, values checked: int32 -> int64, int64 -> int32 when every value
+fits, string -> large_string); a different kind (string -> int, date -> timestamp, naive ->
+tz-aware) is refused, as are unknown extra source columns. A target column the source lacks is
+filled with nulls when nullable, refused otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from memsafe_dagster.datasets.merge.options import DUPLICATE_POLICIES, STRATEGIES
+
+
+def check_strategy(strategy: object) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown merge strategy {strategy!r}: expected one of {list(STRATEGIES)}")
+    return str(strategy)
+
+
+def check_duplicate_policy(policy: object) -> str:
+    if policy not in DUPLICATE_POLICIES:
+        raise ValueError(
+            f"on_duplicate_keys must be one of {list(DUPLICATE_POLICIES)}, got {policy!r}"
+        )
+    return str(policy)
+
+
+def normalize_key_columns(key_columns: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``key_columns`` as a non-empty tuple of distinct names ("a,b" and ["a", "b"] both work)."""
+    if key_columns is None:
+        raise ValueError("key_columns is required: the column(s) that identify a row")
+    if isinstance(key_columns, str):
+        keys = tuple(k.strip() for k in key_columns.split(",") if k.strip())
+    else:
+        keys = tuple(key_columns)
+    if not keys or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(f"key_columns must be one or more column names, got {key_columns!r}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key_columns has a repeated column: {list(keys)}")
+    return keys
+
+
+def type_kind(t: pa.DataType) -> str:
+    """A coarse kind; casts are only allowed within one kind."""
+    if pa.types.is_dictionary(t):
+        return type_kind(t.value_type)
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or _is_view(t, "string"):
+        return "string"
+    if (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+        or _is_view(t, "binary")
+    ):
+        return "binary"
+    if pa.types.is_timestamp(t):
+        return "timestamp" if t.tz is None else "timestamp-tz"
+    if pa.types.is_date(t):
+        return "date"
+    if pa.types.is_time(t):
+        return "time"
+    if pa.types.is_duration(t):
+        return "duration"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return "list"
+    if pa.types.is_struct(t):
+        return "struct"
+    if pa.types.is_map(t):
+        return "map"
+    return str(t)
+
+
+def _is_view(t: pa.DataType, what: str) -> bool:
+    check = getattr(pa.types, f"is_{what}_view", None)
+    return bool(check and check(t))
+
+
+def key_value_type(t: pa.DataType) -> pa.DataType:
+    """The type keys are compared in (dictionary keys by their values)."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def check_key_type(column: str, t: pa.DataType, side: str) -> None:
+    """Refuse types that cannot identify a row exactly (floats, nested, null)."""
+    kind = type_kind(t)
+    vt = key_value_type(t)
+    if pa.types.is_floating(vt):
+        raise ValueError(
+            f"key column {column!r} of the {side} is floating point ({t}): float keys cannot be "
+            "matched exactly; use an integer, decimal or string key"
+        )
+    if kind in ("list", "struct", "map", "null") or kind == str(t):
+        raise ValueError(f"key column {column!r} of the {side} has type {t}, which cannot be a key")
+
+
+def target_fields_check(target: pa.Schema, keys: Sequence[str]) -> None:
+    missing = [k for k in keys if target.get_field_index(k) < 0]
+    if missing:
+        raise ValueError(
+            f"key column(s) {missing} missing from the target dataset (its columns: {target.names})"
+        )
+    for k in keys:
+        check_key_type(k, target.field(k).type, "target")
+
+
+class SourceConformer:
+    """Turns source batches into the output schema (or only the key columns, for delete).
+
+    Checks the schemas once at construction (missing/extra columns, kinds) and every batch as
+    it passes (lossy casts, nulls in keys, nulls in non-nullable columns).
+    """
+
+    def __init__(
+        self,
+        source: pa.Schema,
+        target: pa.Schema,
+        keys: Sequence[str],
+        *,
+        keys_only: bool = False,
+    ) -> None:
+        self.keys = tuple(keys)
+        self.target = target
+        self.source = source
+        self.empty_schema = len(source) == 0
+        missing_keys = [k for k in keys if source.get_field_index(k) < 0]
+        if missing_keys and not self.empty_schema:
+            raise ValueError(
+                f"key column(s) {missing_keys} missing from the source (its columns: "
+                f"{source.names})"
+            )
+        if len(set(source.names)) != len(source.names):
+            dup = sorted({n for n in source.names if source.names.count(n) > 1})
+            raise ValueError(f"source has repeated column name(s) {dup}")
+        self.out_schema = pa.schema([target.field(k) for k in keys]) if keys_only else target
+        if self.empty_schema:
+            return
+        for k in keys:
+            check_key_type(k, source.field(k).type, "source")
+        if not keys_only:
+            extra = [n for n in source.names if target.get_field_index(n) < 0]
+            if extra:
+                raise ValueError(
+                    f"source column(s) {extra} do not exist in the target dataset (its "
+                    f"columns: {target.names}); drop them or add them to the target first"
+                )
+        for field in self.out_schema:
+            idx = source.get_field_index(field.name)
+            if idx < 0:
+                if not field.nullable:
+                    raise ValueError(
+                        f"column {field.name!r} is missing from the source and is not "
+                        "nullable in the target, so it cannot be filled with nulls"
+                    )
+                continue
+            src_type = source.field(idx).type
+            if src_type == field.type:
+                continue
+            src_kind, dst_kind = type_kind(src_type), type_kind(field.type)
+            if src_kind != dst_kind and src_kind != "null":
+                raise ValueError(
+                    f"column {field.name!r}: source type {src_type} cannot be cast to the "
+                    f"target's {field.type} without changing its meaning ({src_kind} vs "
+                    f"{dst_kind})"
+                )
+
+    def conform(self, batch: pa.RecordBatch | pa.Table) -> pa.Table:
+        """``batch`` as a table in the output schema; ValueError on any row that breaks it."""
+        table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        if self.empty_schema and table.num_columns == 0:
+            if table.num_rows:
+                raise ValueError("source rows have no columns, so they carry no key")
+            return self.out_schema.empty_table()
+        n = table.num_rows
+        columns = []
+        for field in self.out_schema:
+            idx = table.schema.get_field_index(field.name)
+            if idx < 0:
+                if field.name in self.keys:
+                    raise ValueError(f"key column {field.name!r} missing from a source batch")
+                if not field.nullable:
+                    raise ValueError(f"column {field.name!r} missing from a source batch")
+                columns.append(pa.nulls(n, field.type))
+                continue
+            column = table.column(idx)
+            if column.type != field.type:
+                column = _cast(column, field)
+            if column.null_count:
+                if field.name in self.keys:
+                    raise ValueError(
+                        f"key column {field.name!r} has {column.null_count} null value(s) in "
+                        "the source: every source row needs a complete key"
+                    )
+                if not field.nullable:
+                    raise ValueError(
+                        f"column {field.name!r} has {column.null_count} null value(s) but is "
+                        "not nullable in the target"
+                    )
+            columns.append(column)
+        return pa.Table.from_arrays(columns, schema=self.out_schema)
+
+
+def _cast(column: pa.ChunkedArray, field: pa.Field) -> pa.ChunkedArray:
+    src_kind, dst_kind = type_kind(column.type), type_kind(field.type)
+    if src_kind != dst_kind and src_kind != "null":
+        raise ValueError(
+            f"column {field.name!r}: source type {column.type} cannot be cast to the target's "
+            f"{field.type} without changing its meaning ({src_kind} vs {dst_kind})"
+        )
+    try:
+        return pc.cast(column, field.type, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise ValueError(
+            f"column {field.name!r}: cannot cast source {column.type} to the target's "
+            f"{field.type} without loss ({exc})"
+        ) from None
+
+
+def conform_target_table(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """A target file's rows in the dataset's schema (files written by others may differ)."""
+    if table.schema.equals(schema):
+        return table
+    columns = []
+    for field in schema:
+        idx = table.schema.get_field_index(field.name)
+        if idx < 0:
+            if not field.nullable:
+                raise ValueError(
+                    f"target file {where} lacks the non-nullable column {field.name!r}"
+                )
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(idx)
+        if column.type != field.type:
+            try:
+                column = _cast(column, field)
+            except ValueError as exc:
+                raise ValueError(f"target file {where}: {exc}") from None
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
