@@ -14,8 +14,8 @@ import dagster as dg
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.inbox import batch_key, list_inbox
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel
+from memsafe_dagster.metadata import FAILURE_PREFIX, LIMIT_MB, LIMIT_SOURCE, PEAK_RSS_MB
 
-FAILURE_PREFIX = "memsafe: memory pressure EMERGENCY"
 DIAGNOSIS_TAG = "memsafe/diagnosis"
 
 
@@ -156,9 +156,9 @@ def diagnose_step_failure(event: dg.DagsterEvent) -> FailureDiagnosis | None:
     user = data.user_failure_data
     if user is not None and (user.description or "").startswith(FAILURE_PREFIX):
         meta = {k: getattr(v, "value", v) for k, v in (user.metadata or {}).items()}
-        peak = _float(meta.get("memsafe/peak_rss_mb"))
-        limit = _float(meta.get("memsafe/limit_mb"))
-        source = meta.get("memsafe/limit_source")
+        peak = _float(meta.get(PEAK_RSS_MB))
+        limit = _float(meta.get(LIMIT_MB))
+        source = meta.get(LIMIT_SOURCE)
         figures = (
             f"peak RSS {peak:.0f} MB of a {limit:.0f} MB limit ({source})"
             if peak is not None and limit is not None
