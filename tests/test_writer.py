@@ -137,7 +137,10 @@ def test_without_row_group_size_each_write_is_a_row_group(where: Where) -> None:
     with ChunkedParquetWriter(where("out.parquet")) as writer:
         for chunk in chunks_of(table(10_000), IRREGULAR):
             writer.write(chunk)
-    assert where.row_groups("out.parquet") == IRREGULAR
+        multi = pa.Table.from_batches(table(900, 10_000).to_batches(max_chunksize=100))
+        assert multi.column(0).num_chunks == 9
+        writer.write(multi)
+    assert where.row_groups("out.parquet") == [*IRREGULAR, 900]
 
 
 def test_rolled_files_are_published_together(where: Where) -> None:

@@ -147,11 +147,13 @@ class _ParquetSink:
         self._file_groups = 0
         self._opened: list[str] = []
 
-    def write(self, batch: pa.RecordBatch) -> None:
-        if batch.num_rows:
-            self._buffer.append(batch)
-            self._buffered += batch.num_rows
-            self._drain(final=False)
+    def write(self, batches: list[pa.RecordBatch]) -> None:
+        """Buffer one incoming chunk (all its batches), then write what fills row groups."""
+        for batch in batches:
+            if batch.num_rows:
+                self._buffer.append(batch)
+                self._buffered += batch.num_rows
+        self._drain(final=False)
 
     def close(self, *, ensure_file: bool = False) -> list[WrittenFile]:
         self._drain(final=True)
@@ -471,8 +473,7 @@ class ChunkedParquetWriter:
         conformed = [
             b if b.schema.equals(target) else _conform(b, target, "the writer's") for b in batches
         ]
-        for batch in conformed:
-            sink.write(batch)
+        sink.write(conformed)
         self._rows += sum(b.num_rows for b in conformed)
         self._chunks += 1
 
