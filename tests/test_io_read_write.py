@@ -195,12 +195,20 @@ def test_read_columns_filter_and_stream(io: PyarrowDatasetIO, where: Where) -> N
     t = io.read(where("ds"), columns=["id"], filter=expr)
     assert t.schema.names == ["id"]
     assert t.column("id").to_pylist() == list(range(0, 10_000, 3))
-    stream = io.read(where("ds"), as_stream=True, chunk_size_rows=1_000, memory_monitor=calm())
+    done: list[tuple[int, int | None]] = []
+    stream = io.read(
+        where("ds"),
+        as_stream=True,
+        chunk_size_rows=1_000,
+        memory_monitor=calm(),
+        progress_callback=lambda rows, total: done.append((rows, total)),
+    )
     assert isinstance(stream, ChunkStream)
     assert stream.total_rows == 10_000
     chunks = list(stream)
     assert max(c.num_rows for c in chunks) == 1_000
     assert ids_of(chunks) == list(range(10_000))
+    assert done[-1] == (10_000, 10_000) and len(done) == 10
     same = io.stream(where("ds"), columns=["id", "x"], filter=expr, chunk_size_rows=500)
     assert ids_of(same) == list(range(0, 10_000, 3))
 

@@ -85,8 +85,9 @@ def process_in_chunks(
     ``max_memory_mb`` of PyArrow budget watches the stream; ``adaptive`` lets it resize chunks
     (EMERGENCY raises ``MemoryPressureError`` either way). ``progress_callback(rows_done,
     total_rows)`` runs after every chunk; ``enable_progress`` draws a bar when stderr is a
-    terminal. ``total_rows`` is known from Parquet metadata without a filter; with a filter it
-    is counted (a bounded pass over the filter's columns) only when progress is asked for.
+    terminal. ``stream.total_rows`` is set when progress is asked for: from Parquet metadata
+    without a filter, by a bounded counting pass over the filter's columns with one (always
+    for a ``pa.Table`` without a filter); otherwise it is None.
     """
     chunk_size_rows = _positive_int("chunk_size_rows", chunk_size_rows)
     if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)):
@@ -306,13 +307,13 @@ def _total_rows(
     options: ds.FragmentScanOptions | None,
     want_total: bool,
 ) -> int | None:
+    if not want_total:
+        return None  # footers would be read twice (a GET per file on object stores)
     metadata_only = isinstance(dataset, ds.InMemoryDataset) or isinstance(
         getattr(dataset, "format", None), ds.ParquetFileFormat
     )
     if filter is None and not metadata_only:
         return None  # CSV, JSON: counting is a full scan
-    if filter is not None and not want_total:
-        return None
     return dataset.count_rows(
         filter=filter,
         batch_size=batch_rows,
