@@ -485,7 +485,7 @@ class MergeEngine:
 
     def _scan_file(self, index: KeyIndex, f: TargetFile) -> None:
         with self.guard.slot(), self.afs.open_input_file(f.path) as fh:
-            pf = pq.ParquetFile(fh, metadata=f.metadata)
+            pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
             for rg in range(f.num_row_groups):
                 rows = int(f.rg_starts[rg + 1] - f.rg_starts[rg])
                 self.guard.check("scan")
@@ -611,7 +611,7 @@ class MergeEngine:
     def _rewrite(self, f: TargetFile, sink: OutputSink, *, own: bool) -> None:
         """Copy ``f``'s unmatched rows into ``sink``, a chunk at a time."""
         with self.guard.slot(), self.afs.open_input_file(f.path) as fh:
-            pf = pq.ParquetFile(fh, metadata=f.metadata)
+            pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
             offset = 0
             batches = pf.iter_batches(
                 batch_size=self.guard.chunk_rows, use_threads=self.workers == 1

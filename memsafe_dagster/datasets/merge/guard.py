@@ -59,6 +59,10 @@ class MergeGuard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._hwm_start = peak_rss_bytes() or 0
+        # PyArrow's allocator keeps freed memory for reuse; past half the process budget (or
+        # of the PyArrow budget) every check hands it back to the OS (about 1 ms).
+        budget_mb = monitor.max_process_memory_mb or monitor.max_pyarrow_mb
+        self._release_above = int(0.5 * budget_mb * 2**20) if budget_mb else None
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -103,6 +107,9 @@ class MergeGuard:
         self.phase = phase
         reading, level = self.monitor.sample()
         self._record(reading, level)
+        if self._release_above is not None and reading.rss_bytes > self._release_above:
+            with contextlib.suppress(Exception):
+                pa.default_memory_pool().release_unused()
         if level >= CRITICAL:
             _release_memory()
             reading, level = self.monitor.sample()

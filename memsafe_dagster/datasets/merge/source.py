@@ -75,7 +75,7 @@ class MergeSource:
         afs = arrow_filesystem(self._fs)
         for path in self._files:
             with afs.open_input_file(path) as fh:
-                pf = pq.ParquetFile(fh)
+                pf = pq.ParquetFile(fh, pre_buffer=False)
                 cols = None
                 if columns is not None:
                     cols = [c for c in columns if c in pf.schema_arrow.names]
@@ -113,7 +113,7 @@ def open_source(
         schema = None
         for f in files:
             with afs.open_input_file(f) as fh:
-                pf = pq.ParquetFile(fh)
+                pf = pq.ParquetFile(fh, pre_buffer=False)
                 total += pf.metadata.num_rows
                 schema = schema or pf.schema_arrow
         return MergeSource(schema, total, True, f"source {os.fspath(data)}", _files=files, _fs=fs)
