@@ -3,7 +3,7 @@ OS reports its peak RSS: ``python dagster_defs_big_stream.py ROWS BASE_DIR [stre
 
 ``stream`` returns a ``ChunkStream`` over a generator (never more than a chunk in memory);
 ``table`` returns one ``pa.Table`` of all rows (the contrast that shows the test can fail).
-Prints the materialization's metadata as one JSON line.
+Prints the materialization's metadata and the process's VmHWM as one JSON line.
 
 No ``from __future__ import annotations`` here: this module defines assets.
 """
@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from memsafe_dagster.datasets import ChunkStream
 from memsafe_dagster.io_managers import ChunkedParquetIOManager
+from memsafe_dagster.memory.process import peak_rss_bytes
 from memsafe_dagster.resources import MemoryMonitorResource
 
 BATCH_ROWS = 50_000
@@ -62,11 +63,11 @@ def main(rows: int, base: str, mode: str) -> None:
     assert result.success
     event = instance.get_latest_materialization_event(dg.AssetKey("big"))
     meta = event.asset_materialization.metadata
-    print(
-        json.dumps(
-            {k: v.value for k, v in meta.items() if k.startswith(("memsafe/", "dagster/row"))}
-        )
-    )
+    out = {k: v.value for k, v in meta.items() if k.startswith(("memsafe/", "dagster/row"))}
+    # The kernel's high-water mark of this process's own address space (VmHWM): unlike a
+    # parent's wait4 figure, it does not include the parent's RSS copied in by fork.
+    out["vm_hwm_mb"] = (peak_rss_bytes() or 0) / 2**20
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

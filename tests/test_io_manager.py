@@ -349,14 +349,16 @@ def test_a_table_input_that_would_not_fit_is_refused_with_the_streaming_annotati
 ) -> None:
     @dg.asset
     def wide() -> ChunkStream:
-        # 400k rows x (8 + 8 + ~6) bytes: about 9 MB uncompressed, far more than 2 MB.
+        # 400k rows x (8 + 8 + ~6) bytes: about 9 MB uncompressed, far more than 3 MB.
         return ChunkStream.from_batches(numbers(400_000).to_batches(50_000))
 
     @dg.asset
     def eager(wide: pa.Table) -> None:
         raise AssertionError("must not be called")
 
-    memory = {"max_pyarrow_mb": 2}
+    # 3 MB of PyArrow budget beyond what this process already holds (earlier tests).
+    pa.default_memory_pool().release_unused()
+    memory = {"max_pyarrow_mb": math.ceil(pa.total_allocated_bytes() / 2**20) + 3}
     instance = dg.DagsterInstance.ephemeral()
     assert run([wide], tmp_path, instance, memory={"max_pyarrow_mb": 4096}).success
     result = run(
@@ -368,7 +370,7 @@ def test_a_table_input_that_would_not_fit_is_refused_with_the_streaming_annotati
     for name in ("pyarrow.dataset.Dataset", "RecordBatchReader", "ChunkStream"):
         assert name in description
     assert metadata["memsafe/estimated_mb"] > 4
-    assert metadata["memsafe/available_budget_mb"] < 2
+    assert metadata["memsafe/available_budget_mb"] <= 4
 
     seen: list = []
 
