@@ -19,6 +19,12 @@ conjunction, ``[[...], [...]]`` a disjunction of conjunctions; ops ``= == != < >
 not in``): Dagster records input metadata in its event log, so it must be plain data, and
 this form is. A ``pyarrow.compute.Expression`` is accepted too where the metadata never
 reaches the event log (direct ``load_input`` calls).
+
+EMERGENCY while a loaded ``ChunkStream`` / ``RecordBatchReader`` is consumed raises
+``MemoryPressureError`` from the stream. Consumed by a returned stream (the idiom above), that
+happens inside this IO manager's ``handle_output`` and becomes the memsafe ``dagster.Failure``;
+an asset body that drains a stream itself gets the same Failure by running inside
+``memory.track(context)``.
 """
 
 import math

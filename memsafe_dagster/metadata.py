@@ -2,7 +2,19 @@
 Dagster metadata and into the ``memsafe: memory pressure EMERGENCY`` Failure.
 
 Every asset, IO manager and merge asset emits the same names, so the Dagster UI plots them
-over time (DESIGN.md, "Metadata keys").
+over time (DESIGN.md, "Metadata keys"). ``memsafe/limit_mb`` is the effective limit of the
+process (``MemoryLimits.limit_bytes``: the smallest of env overrides, cgroup limits and RAM) and
+``memsafe/limit_source`` says which one binds; ``memsafe/headroom_mb`` is that limit minus the
+peak RSS. The budgets pressure is classified against (a share of that limit) are in
+``memsafe/budgets``.
+
+A merge asset shares all of it::
+
+    with memory.track(context, record=False) as tracker:
+        result = io.merge(...)
+    return MaterializeResult(
+        metadata={**tracker.metadata, **merge_metadata(result, tracker.monitor)}
+    )
 """
 
 import json

@@ -254,3 +254,14 @@ def test_track_outside_dagster_yields_figures_and_records_nothing() -> None:
         pass
     assert set(md.MEMORY_KEYS) <= set(tracker.metadata)
     assert tracker.stage == "this block"
+
+
+def test_track_records_on_an_io_managers_output_context() -> None:
+    resource = MemoryMonitorResource(max_pyarrow_mb=4096)
+    context = dg.build_output_context(asset_key=dg.AssetKey("written"))
+    with resource.track(context) as tracker:
+        tracker.add_chunks(2)
+    logged = {k: v.value for k, v in context.get_logged_metadata().items()}
+    assert logged[md.CHUNKS] == 2
+    assert set(md.MEMORY_KEYS) <= set(logged)
+    assert tracker.stage == "asset written"
