@@ -637,3 +637,19 @@ def test_estimate_of_a_table_load_is_close_to_its_real_size(tmp_path: Path) -> N
     assert 0.5 * table["id"].nbytes <= only_id <= 2 * table["id"].nbytes
     tenth = estimate_table_bytes(dataset, None, pc.field("id") < 20_000)
     assert tenth == pytest.approx(estimate / 10, rel=0.01)
+
+
+def test_io_manager_config_comes_from_env_vars(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_MEMSAFE_CHUNK_ROWS", "700")
+    monkeypatch.setenv("TEST_MEMSAFE_BASE", str(tmp_path / "from-env"))
+    seen: list = []
+    consumer = _consumer(ChunkStream, seen)
+    manager = ChunkedParquetIOManager(
+        base_path=dg.EnvVar("TEST_MEMSAFE_BASE"),
+        chunk_size_rows=dg.EnvVar.int("TEST_MEMSAFE_CHUNK_ROWS"),
+    )
+    assert dg.materialize([source_numbers, consumer], resources={"io_manager": manager}).success
+    assert [len(t) for t in seen[1]] == [700] * 7 + [100]
+    assert read_dir(tmp_path / "from-env" / "source_numbers").num_rows == 5_000
