@@ -347,3 +347,16 @@ def test_to_dataset_holds_the_lock_until_close(where: Where) -> None:
         sum(where.read(f"ds/{p}").num_rows for p in where.listing("ds") if not p.startswith("_"))
         == 20
     )
+
+
+def test_missing_parent_directories_are_created(where: Where) -> None:
+    with ChunkedParquetWriter(where("a/b/out.parquet")) as writer:
+        writer.write(table(10))
+    assert where.listing("a") == ["b/out.parquet"]
+    with ChunkedParquetWriter(where("c/d/ds"), max_rows_per_file=4) as writer:
+        writer.write(table(10))
+    assert [p for p in where.listing("c/d/ds") if not p.startswith("_")] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
