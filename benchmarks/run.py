@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.contenders._common import RESULT_MARKER, OutputFormat
+from benchmarks.contenders._common import PHASE_MARKER, RESULT_MARKER, OutputFormat
 from benchmarks.datagen import DEFAULT_DATA_DIR, DatasetSpec, GeneratedData, ensure_dataset
 from memsafe_dagster.memory import psutil
 from memsafe_dagster.memory.cgroup_cap import CappedRun, MemoryCap, run_capped, run_measured
@@ -103,7 +103,6 @@ class Suite:
     micro_spec: DatasetSpec
     micro_repeat: int
     sampler_s: float
-    notes: tuple[str, ...] = ()
 
 
 _1M = DatasetSpec("random", 1_000_000, 10, 100_000)
@@ -124,10 +123,6 @@ SUITES = {
         micro_spec=_1M,
         micro_repeat=3,
         sampler_s=2,
-        notes=(
-            "Quick suite: capped runs are single runs; fsspeckit is bounded at 10 s.",
-            "Full suite: `python -m benchmarks.run --suite full`.",
-        ),
     ),
     "full": Suite(
         name="full",
@@ -144,7 +139,6 @@ SUITES = {
         micro_spec=_10M,
         micro_repeat=3,
         sampler_s=10,
-        notes=("fsspeckit is bounded at 180 s per run.",),
     ),
 }
 
@@ -182,6 +176,14 @@ def _result_line(stdout: str) -> dict[str, Any] | None:
     return None
 
 
+def _phase(stdout: str) -> str:
+    """`` during <phase>`` for the last phase a contender announced, else nothing."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(PHASE_MARKER):
+            return f" during {line[len(PHASE_MARKER) :].strip()}"
+    return ""
+
+
 def _verify_in_helper(
     out: Path, output_format: OutputFormat, data: GeneratedData, merged: bool
 ) -> tuple[bool, str]:
@@ -202,14 +204,15 @@ def _execute(argv: list[str], cap: str | None, timeout_s: float) -> CappedRun:
 
 def _judge(run: CappedRun, timeout_s: float) -> tuple[str, dict[str, Any] | None, str | None]:
     """Status, parsed report and error text of a finished child."""
+    phase = _phase(run.stdout)
     if run.timed_out:
-        return TIMED_OUT, None, f"did not finish in {timeout_s:g} s"
+        return TIMED_OUT, None, f"did not finish in {timeout_s:g} s{phase}"
     if run.oom_killed:
-        return OOM, None, "killed by the kernel's OOM killer"
+        return OOM, None, f"killed by the kernel's OOM killer{phase}"
     report = _result_line(run.stdout) if run.returncode == 0 else None
     if report is None:
         message = _last_line(run.stderr) or f"exit code {run.returncode}, no result line"
-        return ERROR, None, message
+        return ERROR, None, message + phase
     return COMPLETED, report, None
 
 
@@ -417,7 +420,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "completed runs. Process wall adds interpreter start, imports and that copy. Peak RSS is "
         "the largest of the runs, from the OS (`wait4` rusage; it cannot read below the runner's "
         f"own peak, {report['runner_peak_rss_mb']:.0f} MB here). Capped runs execute inside a "
-        "real cgroup memory limit.",
+        "real cgroup memory limit; RSS also counts shared-library pages charged elsewhere, so "
+        "an OOM-killed run can show more than the cap. The cgroup's own peak (page cache "
+        "included) is in the JSON.",
         "",
     ]
     lines += [f"- {note}" for note in report["notes"]]
@@ -425,19 +430,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Upsert",
         "",
-        "| contender | scenario | median wall s | median process s | peak RSS MB | runs "
+        "| contender | scenario | median wall s | median process s | peak RSS MB | runs ok "
         "| status | verified |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in report["merge"]:
         lines.append(
             f"| {r['contender']} | {r['scenario']} | {_fmt(r['median_merge_s'])} "
-            f"| {_fmt(r['median_process_s'])} | {_fmt(r['peak_rss_mb'], 0)} | {len(r['runs'])} "
+            f"| {_fmt(r['median_process_s'])} | {_fmt(r['peak_rss_mb'], 0)} | {_runs(r['runs'])} "
             f"| {r['status_text'].replace('|', '/')} | {r['verified'].replace('|', '/')} |"
         )
     if report["micro"]:
         lines += _micro_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def _runs(runs: list[dict[str, Any]]) -> str:
+    """``completed/attempted``."""
+    return f"{sum(r['status'] == COMPLETED for r in runs)}/{len(runs)}"
 
 
 def _micro_markdown(report: dict[str, Any]) -> list[str]:
@@ -507,6 +517,23 @@ def _selected(names: str | None, known: list[str], what: str) -> list[str] | Non
     return chosen
 
 
+def _notes(suite: Suite, contenders: list[Contender], repeat: int | None) -> list[str]:
+    """How the suite was run, in words."""
+    runs = repeat or suite.repeat
+    capped = repeat or suite.capped_repeat
+    notes = [
+        f"{runs} runs per contender and scenario ({capped} under the cap); a contender is not "
+        "repeated in a scenario after a failed run.",
+        f"Every run is bounded at {suite.timeout_s:g} s.",
+    ]
+    notes += [
+        f"{c.name} is known to be very slow and is bounded at {suite.bounded_timeout_s:g} s."
+        for c in contenders
+        if c.bounded
+    ]
+    return notes
+
+
 def run_suite(
     suite: Suite,
     data_dir: Path,
@@ -559,7 +586,7 @@ def run_suite(
         "started": started_wall,
         "duration_s": round(time.perf_counter() - started, 1),
         "machine": machine_info(),
-        "notes": list(suite.notes),
+        "notes": _notes(suite, contenders, repeat),
         "scenarios": [
             {"key": s.key, "name": s.name, "cap": s.cap, "dataset": asdict(s.spec)}
             for s in suite.scenarios

@@ -3,7 +3,8 @@
 A contender module defines ``merge(args) -> dict`` (the timed upsert, returning details to
 report) and optionally ``prepare(args)`` (untimed work such as copying a target it mutates),
 then calls :func:`run_contender`. The last stdout line starting with :data:`RESULT_MARKER`
-carries the JSON report the runner reads.
+carries the JSON report the runner reads; :data:`PHASE_MARKER` lines say which phase is running,
+so a run killed midway can be blamed on the right one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 RESULT_MARKER = "BENCH_RESULT "
+PHASE_MARKER = "BENCH_PHASE "
 KEY = "id"
 
 OutputFormat = Literal["parquet", "delta"]
@@ -59,7 +61,9 @@ def run_contender(
         parser.error(f"--out {args.out} already exists")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if prepare is not None:
+        print(PHASE_MARKER + "prepare", flush=True)
         prepare(args)
+    print(PHASE_MARKER + "merge", flush=True)
     started = time.perf_counter()
     details = merge(args)
     merge_s = time.perf_counter() - started
