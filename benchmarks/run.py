@@ -405,7 +405,7 @@ def machine_info() -> dict[str, Any]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The results as Markdown tables."""
-    m = report["machine"]
+    m, load = report["machine"], report["load_average_1m"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     lines = [
         f"# Benchmark results: `{report['suite']}` suite",
@@ -414,6 +414,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{m['memory_gb']} GB RAM, {m['platform']}, Python {m['python']}; "
         f"cgroup caps: {m['cgroup_cap']}.",
         f"Versions: {versions}.",
+        f"1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end "
+        "(a load above the CPU count means other processes competed with the runs).",
         "",
         "Wall time is each contender's own timing of the upsert (reading the source, merging, "
         "writing; not the untimed copy of the target or the Delta conversion), median of the "
@@ -547,6 +549,7 @@ def run_suite(
     ``helper`` generates data and verifies outputs, keeping the runner's own RSS small.
     """
     started_wall, started = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.perf_counter()
+    load_start = os.getloadavg()[0]
     work = data_dir / "work"
     shutil.rmtree(work, ignore_errors=True)
     cap_problem = MemoryCap.unavailable_reason()
@@ -586,6 +589,7 @@ def run_suite(
         "started": started_wall,
         "duration_s": round(time.perf_counter() - started, 1),
         "machine": machine_info(),
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "notes": _notes(suite, contenders, repeat),
         "scenarios": [
             {"key": s.key, "name": s.name, "cap": s.cap, "dataset": asdict(s.spec)}
