@@ -27,7 +27,7 @@ class CgroupCapUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class CappedRun:
-    """What a capped command did: exit code, whether the OOM killer struck, and its peaks."""
+    """What a (capped) command did: exit code, whether the OOM killer struck, and its peaks."""
 
     returncode: int
     oom_killed: bool
@@ -153,6 +153,37 @@ class MemoryCap:
                 time.sleep(0.05)
 
 
+def _vm_hwm(pid: int) -> int:
+    """A process's own RSS high-water mark (VmHWM), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (via /proc/<pid>/task/<tid>/children)."""
+    tree, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        tree.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children", "rb") as fh:
+                    queue.extend(int(child) for child in fh.read().split())
+            except (OSError, ValueError):
+                continue
+    return tree
+
+
 def run_capped(
     argv: Sequence[str],
     limit: int | str,
@@ -163,8 +194,8 @@ def run_capped(
 ) -> CappedRun:
     """Run ``argv`` inside a fresh cgroup capped at ``limit``; peaks come from the OS.
 
-    ``peak_rss_bytes`` is the largest RSS of the child or any descendant it waited for
-    (``wait4`` rusage); ``cgroup_peak_bytes`` is the cgroup's own high-water mark.
+    See ``run_measured`` for how the peak is taken; ``cgroup_peak_bytes`` is the cgroup's own
+    high-water mark (it includes page cache the kernel may reclaim).
     """
     with MemoryCap(limit) as cap:
         return run_measured(argv, timeout_s=timeout_s, env=env, cwd=cwd, cap=cap)
@@ -178,7 +209,12 @@ def run_measured(
     cwd: str | os.PathLike[str] | None = None,
     cap: MemoryCap | None = None,
 ) -> CappedRun:
-    """Run ``argv`` (optionally inside ``cap``) and report its exit, wall time and peak RSS."""
+    """Run ``argv`` (optionally inside ``cap``) and report its exit, wall time and peak RSS.
+
+    ``peak_rss_bytes`` is the largest kernel high-water mark (VmHWM) of the child or any
+    descendant, read every 5 ms. VmHWM only rises, so a read at any time after the peak sees
+    it. ``wait4``'s ``ru_maxrss`` is not used: a child inherits its parent's RSS at fork.
+    """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         proc = subprocess.Popen(
@@ -191,9 +227,12 @@ def run_measured(
             start_new_session=True,
         )
         timed_out = False
+        peak = 0
         deadline = None if timeout_s is None else started + timeout_s
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            for member in _process_tree(proc.pid):
+                peak = max(peak, _vm_hwm(member))
+            pid, status, _usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if deadline is not None and time.perf_counter() > deadline:
@@ -201,9 +240,9 @@ def run_measured(
                 _kill_group(proc.pid)
                 if cap is not None:
                     cap.kill_all()
-                pid, status, usage = os.wait4(proc.pid, 0)
+                pid, status, _usage = os.wait4(proc.pid, 0)
                 break
-            time.sleep(0.01)
+            time.sleep(0.005)
         wall = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         if cap is not None:
@@ -222,7 +261,7 @@ def run_measured(
             oom_killed=oom
             or (cap is not None and proc.returncode == -signal.SIGKILL and not timed_out),
             timed_out=timed_out,
-            peak_rss_bytes=usage.ru_maxrss * 1024,
+            peak_rss_bytes=peak,
             cgroup_peak_bytes=cap.peak_bytes() if cap is not None else None,
             wall_s=wall,
             stdout=out.read().decode("utf-8", "replace"),
