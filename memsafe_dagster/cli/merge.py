@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -93,7 +94,20 @@ class _Bar:
     def __init__(self) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=0, unit="row", unit_scale=True, desc="merge", file=sys.stderr)
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+        except (OSError, ValueError):
+            size = os.terminal_size((0, 0))
+        # A terminal that reports no size (a fresh pty) would otherwise hide the bar.
+        self.bar = tqdm(
+            total=0,
+            unit="row",
+            unit_scale=True,
+            desc="merge",
+            file=sys.stderr,
+            ncols=size.columns or 100,
+            nrows=size.lines or 24,
+        )
 
     def __call__(self, done: int, total: int) -> None:
         if total != self.bar.total:
