@@ -64,8 +64,7 @@ def main(rows: int, base: str, mode: str) -> None:
     event = instance.get_latest_materialization_event(dg.AssetKey("big"))
     meta = event.asset_materialization.metadata
     out = {k: v.value for k, v in meta.items() if k.startswith(("memsafe/", "dagster/row"))}
-    # The kernel's high-water mark of this process's own address space (VmHWM): unlike a
-    # parent's wait4 figure, it does not include the parent's RSS copied in by fork.
+    # The kernel's high-water mark of this process's RSS (VmHWM) at exit, for a cross-check.
     out["vm_hwm_mb"] = (peak_rss_bytes() or 0) / 2**20
     print(json.dumps(out))
 

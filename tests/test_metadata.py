@@ -6,7 +6,7 @@ import pytest
 from dagster_helpers import MiB, fixed_limits, plain
 
 from memsafe_dagster import metadata as md
-from memsafe_dagster.datasets import ChunkStream
+from memsafe_dagster.datasets import ChunkStream, MergeResult
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel, MemoryReading
 
 
@@ -112,7 +112,6 @@ def test_stream_metadata_from_real_stream_stats() -> None:
 
 
 def test_merge_metadata_from_a_real_merge_result() -> None:
-    merge = pytest.importorskip("memsafe_dagster.datasets.merge")
     fields = dict(
         strategy="upsert",
         source_count=10,
@@ -130,7 +129,7 @@ def test_merge_metadata_from_a_real_merge_result() -> None:
         peak_pyarrow_mb=40.0,
         max_pressure=MemoryPressureLevel.WARNING,
     )
-    result = merge.MergeResult(**fields)
+    result = MergeResult(**fields)
     monitor = MemoryMonitor(limits=fixed_limits(1000, "cgroup-v1"))
     out = plain(md.merge_metadata(result, monitor))
     assert (out[md.INSERTED], out[md.UPDATED], out[md.DELETED]) == (4, 6, 0)
