@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from memsafe_dagster.datasets.commit import DatasetTransaction, crash_point
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, is_local, join
+from memsafe_dagster.datasets.merge.arrays import fixed_values, from_numpy, indices
 from memsafe_dagster.datasets.merge.guard import MergeGuard, ProgressCallback, timed
 from memsafe_dagster.datasets.merge.keys import KeyCodec, KeyIndex
 from memsafe_dagster.datasets.merge.options import DEFAULT_ROW_GROUP_SIZE, MergeOptions
@@ -200,8 +201,14 @@ class MergeEngine:
         )
         sinks: list[OutputSink] = [new_rows]
         try:
-            # Rows written while ingesting: upsert/full_merge write every source row.
-            direct = self.strategy in ("upsert", "full_merge") and self.on_duplicate == "error"
+            # upsert/full_merge write every source row: a source that can be read only once
+            # is written while it is ingested; one that can be read again is written later,
+            # alongside the rewrites (both cores busy, and ingesting stays short).
+            direct = (
+                self.strategy in ("upsert", "full_merge")
+                and self.on_duplicate == "error"
+                and not source.rereadable
+            )
             estimate_source = source.total_rows or 0
             self.guard.set_total(
                 estimate_source
@@ -322,8 +329,8 @@ class MergeEngine:
 
     def _key_table(self, codes: np.ndarray, start: int, table: pa.Table | None) -> pa.Table:
         columns = {
-            "__code": pa.array(codes, pa.uint64()),
-            "__pos": pa.array(np.arange(start, start + len(codes), dtype=np.int64)),
+            "__code": from_numpy(codes),
+            "__pos": indices(np.arange(start, start + len(codes), dtype=np.int64)),
         }
         if not self.codec.exact and table is not None:
             for k in self.keys:
@@ -433,17 +440,17 @@ class MergeEngine:
         used = 0
         for batch in spill.read():
             self.guard.check("index")
-            c = batch.column(0).to_numpy()
+            c = fixed_values(batch.column(0), np.uint64)
             mask = c >= np.uint64(lo)
             if hi is not None:
                 mask &= c < np.uint64(hi)
             if not mask.any():
                 continue
             codes.append(c[mask])
-            positions.append(batch.column(1).to_numpy()[mask])
+            positions.append(fixed_values(batch.column(1), np.int64)[mask])
             if not self.codec.exact:
                 sub = pa.Table.from_batches([batch]).drop_columns(["__code", "__pos"])
-                sub = sub.filter(pa.array(mask))
+                sub = sub.take(indices(np.flatnonzero(mask)))
                 keys.append(sub)
                 used += 2 * sub.nbytes
             used += int(mask.sum()) * INDEX_BYTES_PER_KEY
@@ -461,7 +468,7 @@ class MergeEngine:
         """A code between ``lo`` and ``hi`` that splits the spilled keys in that range."""
         sample = Reservoir(size=16_384, seed=lo % 2**31)
         for batch in spill.read():
-            c = batch.column(0).to_numpy()
+            c = fixed_values(batch.column(0), np.uint64)
             mask = c >= np.uint64(lo)
             if hi is not None:
                 mask &= c < np.uint64(hi)
@@ -623,7 +630,8 @@ class MergeEngine:
                 mask = f.matched_mask(offset, offset + n)
                 offset += n
                 if mask.any():
-                    table = table.filter(pa.array(~mask))
+                    # take() by index is several times cheaper than filter() by mask here.
+                    table = table.take(indices(np.flatnonzero(~mask)))
                 sink.write(conform_target_table(table, self.schema, f.path))
                 self.guard.advance(n)
             if own:
@@ -662,7 +670,7 @@ class MergeEngine:
                     continue
                 table = conformer.conform(chunk) if conform else chunk
                 if not keep.all():
-                    table = table.filter(pa.array(keep))
+                    table = table.take(indices(np.flatnonzero(keep)))
                 sink.write(table)
                 self.guard.advance(int(keep.sum()))
 

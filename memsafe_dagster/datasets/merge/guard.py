@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pyarrow as pa
 
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError, MemoryPressureLevel
-from memsafe_dagster.memory.process import peak_rss_bytes
+from memsafe_dagster.memory.process import current_rss_bytes, peak_rss_bytes
 
 NORMAL = MemoryPressureLevel.NORMAL
 WARNING = MemoryPressureLevel.WARNING
@@ -63,6 +63,8 @@ class MergeGuard:
         # of the PyArrow budget) every check hands it back to the OS (about 1 ms).
         budget_mb = monitor.max_process_memory_mb or monitor.max_pyarrow_mb
         self._release_above = int(0.5 * budget_mb * 2**20) if budget_mb else None
+        self._released_at = 0.0
+        self._released_at_rss = 0
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -108,8 +110,7 @@ class MergeGuard:
         reading, level = self.monitor.sample()
         self._record(reading, level)
         if self._release_above is not None and reading.rss_bytes > self._release_above:
-            with contextlib.suppress(Exception):
-                pa.default_memory_pool().release_unused()
+            self._release_if_grown(reading.rss_bytes)
         if level >= CRITICAL:
             _release_memory()
             reading, level = self.monitor.sample()
@@ -125,6 +126,17 @@ class MergeGuard:
                 )
         self._adapt(level)
         return level
+
+    def _release_if_grown(self, rss: int) -> None:
+        """Return PyArrow's cached memory when RSS grew 8 MB since the last time (or 0.2 s
+        passed): often enough to hold the peak down, rarely enough to cost nothing."""
+        now = time.monotonic()
+        if rss - self._released_at_rss < 8 * 2**20 and now - self._released_at < 0.2:
+            return
+        with contextlib.suppress(Exception):
+            pa.default_memory_pool().release_unused()
+        self._released_at = now
+        self._released_at_rss = current_rss_bytes()
 
     def _adapt(self, level: MemoryPressureLevel) -> None:
         size = self._chunk_rows

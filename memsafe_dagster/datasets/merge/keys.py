@@ -20,6 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from memsafe_dagster.datasets.merge.arrays import (
+    bools,
+    fixed_values,
+    from_numpy,
+    indices,
+    validity,
+)
 from memsafe_dagster.datasets.merge.validate import key_value_type
 
 SIGN = np.uint64(1 << 63)
@@ -42,6 +49,29 @@ def mix(x: np.ndarray) -> np.ndarray:
     z *= _M2
     z ^= z >> np.uint64(31)
     return z
+
+
+_M1_INV = np.uint64(pow(0xBF58476D1CE4E5B9, -1, 2**64))
+_M2_INV = np.uint64(pow(0x94D049BB133111EB, -1, 2**64))
+
+
+def _unshift(z: np.ndarray, shift: int) -> np.ndarray:
+    """Invert ``z ^= z >> shift``."""
+    out = z.copy()
+    s = shift
+    while s < 64:
+        out = z ^ (out >> np.uint64(shift))
+        s += shift
+    return out
+
+
+def unmix(m: np.ndarray) -> np.ndarray:
+    """The inverse of ``mix``."""
+    z = _unshift(m, 31)
+    z = z * _M2_INV
+    z = _unshift(z, 27)
+    z = z * _M1_INV
+    return _unshift(z, 30)
 
 
 def is_exact_type(t: pa.DataType) -> bool:
@@ -71,15 +101,25 @@ def _combined(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 def exact_codes(array: pa.Array) -> np.ndarray:
     """Order-preserving uint64 codes of an integer-like array (nulls give arbitrary codes)."""
     t = array.type
-    if array.null_count:
-        array = pc.fill_null(array, pa.scalar(0, t))
     if pa.types.is_integer(t):
-        values = array.to_numpy(zero_copy_only=False)
+        values = fixed_values(array, _NUMPY_INTS[t.bit_width, pa.types.is_signed_integer(t)])
         if pa.types.is_signed_integer(t):
             return values.astype(np.int64, copy=False).view(np.uint64) ^ SIGN
         return values.astype(np.uint64, copy=False)
-    values = array.view(_int_view_type(t)).to_numpy(zero_copy_only=False)
+    values = fixed_values(array, np.int32 if t.bit_width == 32 else np.int64)
     return values.astype(np.int64, copy=False).view(np.uint64) ^ SIGN
+
+
+_NUMPY_INTS = {
+    (8, True): np.int8,
+    (16, True): np.int16,
+    (32, True): np.int32,
+    (64, True): np.int64,
+    (8, False): np.uint8,
+    (16, False): np.uint16,
+    (32, False): np.uint32,
+    (64, False): np.uint64,
+}
 
 
 def _int_view_type(t: pa.DataType) -> pa.DataType:
@@ -160,7 +200,7 @@ def column_hash(array: pa.Array) -> np.ndarray:
     if is_exact_type(t):
         return mix(exact_codes(array) + _GOLDEN)
     if pa.types.is_boolean(t):
-        return mix(pc.fill_null(array, False).cast(pa.uint8()).to_numpy().astype(np.uint64))
+        return mix(bools(array).astype(np.uint64))
     if pa.types.is_string(t) or pa.types.is_binary(t):
         return _bytes_hash(array)
     if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
@@ -188,8 +228,9 @@ class KeyCodec:
         valid = None
         for a in arrays:
             if a.null_count:
-                v = a.is_valid().to_numpy(zero_copy_only=False)
-                valid = v if valid is None else (valid & v)
+                v = validity(a)
+                if v is not None:
+                    valid = v if valid is None else (valid & v)
         if self.exact:
             return exact_codes(arrays[0]), valid
         h = np.full(len(arrays[0]), np.uint64(len(arrays)), dtype=np.uint64)
@@ -208,49 +249,72 @@ class BuildStats:
 
 
 class KeyIndex:
-    """Sorted source key codes with their source positions (and key values when hashed).
+    """Source key codes sorted by their mixed hash, with source positions (and key values when
+    hashed), a bucket directory on the hash's top bits and a bitmap prefilter.
 
-    ``lookup`` maps target key codes to the index entries they match; ``matched`` marks the
-    entries that matched at least one target row.
+    ``lookup`` maps target key codes to the index entries they match: the bitmap rejects most
+    non-members with one probe into a few bits per key, a member's bucket is found directly in
+    the directory (about one entry per bucket), so a lookup costs a handful of vectorized passes
+    instead of a binary search. ``matched`` marks the entries that matched a target row.
     """
 
     def __init__(
         self,
-        codes: np.ndarray,
+        mixed: np.ndarray,
         positions: np.ndarray,
         key_values: pa.Table | None,
         *,
         exact: bool,
+        sorted_codes: np.ndarray | None = None,
         lo: int = 0,
         hi: int | None = None,
     ) -> None:
-        self.codes = codes
+        self.mixed = mixed
         self.positions = positions
         self.key_values = key_values
         self.exact = exact
+        self.sorted_codes = sorted_codes
         self.lo = np.uint64(lo)
         self.hi = None if hi is None else np.uint64(hi)
-        self.matched = np.zeros(len(codes), dtype=bool)
-        n = len(codes)
+        n = len(mixed)
+        self.matched = np.zeros(n, dtype=bool)
         self.bits = int(min(30, max(12, np.ceil(np.log2(max(n, 1) * 16)))))
         self._shift = np.uint64(64 - self.bits)
         self.bitmap = np.zeros(1 << (self.bits - 3), dtype=np.uint8)
+        self.dir_bits = int(min(27, max(4, np.ceil(np.log2(max(n, 1))))))
+        self._dir_shift = np.uint64(64 - self.dir_bits)
         if n:
-            h = mix(codes) >> self._shift
+            h = mixed >> self._shift
             bit = np.left_shift(np.uint8(1), (h & np.uint64(7)).astype(np.uint8))
             np.bitwise_or.at(self.bitmap, h >> np.uint64(3), bit)
+            del h, bit
+        counts = np.bincount(
+            (mixed >> self._dir_shift).astype(np.int64), minlength=1 << self.dir_bits
+        )
+        dtype = np.int32 if n < 2**31 else np.int64
+        self.directory = np.zeros((1 << self.dir_bits) + 1, dtype=dtype)
+        np.cumsum(counts, out=self.directory[1:])
         self._key_arrays = (
             [_combined(c) for c in key_values.columns] if key_values is not None else None
         )
         self._column_ranges: list[object] | None = None
 
     def __len__(self) -> int:
-        return len(self.codes)
+        return len(self.mixed)
 
     @property
     def nbytes(self) -> int:
         extra = self.key_values.nbytes if self.key_values is not None else 0
-        return self.codes.nbytes + self.positions.nbytes + self.bitmap.nbytes + len(self) + extra
+        sorted_codes = self.sorted_codes.nbytes if self.sorted_codes is not None else 0
+        return (
+            self.mixed.nbytes
+            + self.positions.nbytes
+            + self.bitmap.nbytes
+            + self.directory.nbytes
+            + sorted_codes
+            + len(self)
+            + extra
+        )
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -273,17 +337,20 @@ class KeyIndex:
         ``positions`` must ascend (source order). Returns the index and the source positions
         dropped as duplicates ("first"/"last"); raises ``DuplicateKeyError`` for "error".
         """
-        order = np.argsort(codes, kind="stable")
-        codes = codes[order]
+        mixed = mix(codes)
+        # mix is a bijection: equal codes <=> equal mixed values, so duplicates are adjacent.
+        order = np.argsort(mixed, kind="stable")
+        mixed = mixed[order]
         positions = positions[order]
         if key_values is not None:
-            key_values = key_values.take(pa.array(order))
-        same = codes[1:] == codes[:-1]
+            key_values = key_values.take(indices(order))
+        del order
+        same = mixed[1:] == mixed[:-1]
         dropped = np.zeros(0, dtype=np.int64)
         if same.any():
             if not exact:
-                codes, positions, key_values, same = _regroup_hashed(
-                    codes, positions, key_values, same
+                mixed, positions, key_values, same = _regroup_hashed(
+                    mixed, positions, key_values, same
                 )
             if same.any():
                 if on_duplicate == "error":
@@ -293,38 +360,45 @@ class KeyIndex:
                             k: key_values.column(i)[first].as_py() for i, k in enumerate(key_names)
                         }
                     else:
-                        value = codes[first]
+                        value = unmix(mixed[first : first + 1])[0]
                         example = {
                             key_names[0]: decode_exact(value, key_type)
                             if key_type is not None
                             else int(value)
                         }
                     raise DuplicateKeyError(_duplicate_message(key_names, example, int(same.sum())))
-                keep = np.ones(len(codes), dtype=bool)
+                keep = np.ones(len(mixed), dtype=bool)
                 if on_duplicate == "first":
                     keep[1:][same] = False
                 else:
                     keep[:-1][same] = False
                 dropped = positions[~keep]
-                codes, positions = codes[keep], positions[keep]
+                mixed, positions = mixed[keep], positions[keep]
                 if key_values is not None:
-                    key_values = key_values.filter(pa.array(keep))
-        return cls(codes, positions, key_values, exact=exact, lo=lo, hi=hi), dropped
+                    key_values = key_values.take(indices(np.flatnonzero(keep)))
+        return cls(mixed, positions, key_values, exact=exact, lo=lo, hi=hi), dropped
 
     # -- lookups ----------------------------------------------------------------------------------
 
-    def candidates(self, codes: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-        """Rows whose code may be in the index (the bitmap says no for most non-members)."""
-        h = mix(codes) >> self._shift
-        hit = (self.bitmap[h >> np.uint64(3)] >> (h & np.uint64(7)).astype(np.uint8)) & 1
-        mask = hit.astype(bool)
+    def candidates(
+        self, codes: np.ndarray, valid: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows whose code may be in the index (the bitmap says no for most non-members), and
+        their mixed codes."""
+        m = mix(codes)
+        h = m >> self._shift
+        mask = ((self.bitmap[h >> np.uint64(3)] >> (h & np.uint64(7)).astype(np.uint8)) & 1).astype(
+            bool
+        )
+        del h
         if valid is not None:
             mask &= valid
         if self.lo or self.hi is not None:
             mask &= codes >= self.lo
             if self.hi is not None:
                 mask &= codes < self.hi
-        return np.flatnonzero(mask)
+        rows = np.flatnonzero(mask)
+        return rows, m[rows]
 
     def lookup(
         self,
@@ -333,52 +407,54 @@ class KeyIndex:
         key_arrays: Sequence[pa.Array] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, entries)``: target rows that match, and the index entry each one matches."""
-        n = len(self.codes)
-        if n == 0 or len(codes) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows = self.candidates(codes, valid)
+        empty = np.zeros(0, np.int64)
+        if len(self) == 0 or len(codes) == 0:
+            return empty, empty
+        rows, m = self.candidates(codes, valid)
         if len(rows) == 0:
-            return rows.astype(np.int64), np.zeros(0, np.int64)
-        wanted = codes[rows]
-        entries = np.searchsorted(self.codes, wanted)
-        found = entries < n
-        found[found] = self.codes[entries[found]] == wanted[found]
-        rows, entries, wanted = rows[found], entries[found], wanted[found]
-        if self.exact or len(rows) == 0:
-            return rows.astype(np.int64), entries.astype(np.int64)
-        assert key_arrays is not None and self.key_values is not None
-        ok = self._verify(key_arrays, rows, entries)
-        done_rows, done_entries = [rows[ok]], [entries[ok]]
-        rows, entries, wanted = rows[~ok], entries[~ok], wanted[~ok]
-        # Distinct source keys sharing a code sit next to each other: try the next ones.
+            return empty, empty
+        bucket = (m >> self._dir_shift).astype(np.int64)
+        at = self.directory[bucket].astype(np.int64)
+        stop = self.directory[bucket + 1].astype(np.int64)
+        del bucket
+        live = at < stop
+        rows, m, at, stop = rows[live], m[live], at[live], stop[live]
+        found_rows: list[np.ndarray] = []
+        found_entries: list[np.ndarray] = []
         while len(rows):
-            entries = entries + 1
-            more = entries < n
-            more[more] = self.codes[entries[more]] == wanted[more]
-            rows, entries, wanted = rows[more], entries[more], wanted[more]
-            if not len(rows):
-                break
-            ok = self._verify(key_arrays, rows, entries)
-            done_rows.append(rows[ok])
-            done_entries.append(entries[ok])
-            rows, entries, wanted = rows[~ok], entries[~ok], wanted[~ok]
-        return (
-            np.concatenate(done_rows).astype(np.int64),
-            np.concatenate(done_entries).astype(np.int64),
-        )
+            eq = self.mixed[at] == m
+            found_rows.append(rows[eq])
+            found_entries.append(at[eq])
+            # Exact codes are unique in the index: a match ends the search. Hashed codes may
+            # repeat for distinct keys (a collision): every equal entry is a candidate.
+            go_on = ~eq if self.exact else np.ones(len(rows), dtype=bool)
+            at = at + 1
+            go_on &= at < stop
+            rows, m, at, stop = rows[go_on], m[go_on], at[go_on], stop[go_on]
+        if not found_rows:
+            return empty, empty
+        rows = np.concatenate(found_rows).astype(np.int64)
+        entries = np.concatenate(found_entries).astype(np.int64)
+        if self.exact or len(rows) == 0:
+            return rows, entries
+        assert key_arrays is not None
+        ok = self._verify(key_arrays, rows, entries)
+        return rows[ok], entries[ok]
 
     def _verify(
         self, key_arrays: Sequence[pa.Array], rows: np.ndarray, entries: np.ndarray
     ) -> np.ndarray:
+        """True where target row ``rows[i]`` has exactly the key of index entry ``entries[i]``."""
         assert self._key_arrays is not None
         ok = None
-        row_idx, entry_idx = pa.array(rows), pa.array(entries)
+        row_idx, entry_idx = indices(rows), indices(entries)
         for i, target in enumerate(key_arrays):
             a = target.take(row_idx)
             b = self._key_arrays[i].take(entry_idx)
-            eq = pc.fill_null(pc.equal(a, b), False)
-            ok = eq if ok is None else pc.and_(ok, eq)
-        return ok.to_numpy(zero_copy_only=False)
+            eq = bools(pc.equal(a, b))
+            ok = eq if ok is None else ok & eq
+        assert ok is not None
+        return ok
 
     # -- statistics pruning ------------------------------------------------------------------------
 
@@ -395,8 +471,10 @@ class KeyIndex:
             if b is None:
                 return True
             lo, hi = b
-            i = np.searchsorted(self.codes, np.uint64(lo), side="left")
-            j = np.searchsorted(self.codes, np.uint64(hi), side="right")
+            if self.sorted_codes is None:
+                self.sorted_codes = np.sort(unmix(self.mixed))
+            i = np.searchsorted(self.sorted_codes, np.uint64(lo), side="left")
+            j = np.searchsorted(self.sorted_codes, np.uint64(hi), side="right")
             return bool(j > i)
         ranges = self._ranges()
         for b, r in zip(bounds, ranges, strict=True):
@@ -461,31 +539,31 @@ def _regroup_hashed(
     in_run[1:] |= same
     in_run[:-1] |= same
     slots = np.flatnonzero(in_run)
-    sub = key_values.take(pa.array(slots))
-    sub = sub.append_column("__code", pa.array(codes[slots])).append_column(
-        "__pos", pa.array(positions[slots])
+    sub = key_values.take(indices(slots))
+    sub = sub.append_column("__code", from_numpy(codes[slots])).append_column(
+        "__pos", indices(positions[slots])
     )
     sort_keys = [("__code", "ascending")]
     sort_keys += [(name, "ascending") for name in key_values.column_names]
     sort_keys.append(("__pos", "ascending"))
-    perm = pc.sort_indices(sub, sort_keys=sort_keys).to_numpy()
+    perm = fixed_values(pc.sort_indices(sub, sort_keys=sort_keys), np.uint64).astype(np.int64)
     new_slots = slots[perm]
     codes[slots] = codes[new_slots]
     positions[slots] = positions[new_slots]
     full = np.arange(len(codes))
     full[slots] = new_slots
-    key_values = key_values.take(pa.array(full))
+    key_values = key_values.take(indices(full))
     same = codes[1:] == codes[:-1]
     idx = np.flatnonzero(same)
     if len(idx):
-        left = key_values.take(pa.array(idx))
-        right = key_values.take(pa.array(idx + 1))
+        left = key_values.take(indices(idx))
+        right = key_values.take(indices(idx + 1))
         eq = None
         for i in range(key_values.num_columns):
-            e = pc.fill_null(pc.equal(left.column(i), right.column(i)), False)
-            eq = e if eq is None else pc.and_(eq, e)
+            e = bools(pc.equal(left.column(i), right.column(i)))
+            eq = e if eq is None else eq & e
         same = same.copy()
-        same[idx] = eq.to_numpy(zero_copy_only=False)
+        same[idx] = eq
     return codes, positions, key_values, same
 
 
