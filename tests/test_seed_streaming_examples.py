@@ -1,9 +1,9 @@
-"""The seed document's streaming examples, run against memsafe-dagster.
+"""The streaming examples of docs/memory-constrained-environments.md, run from that file.
 
-Each example's code is kept verbatim except for its import lines (marked ``# imports
-changed``) and, in "Processing Large Datasets", the ``Table.write_parquet(...,
-write_append=True)`` calls, which do not exist in PyArrow and become our
-``ChunkedParquetWriter`` (marked ``# writer``). The globals an example assumes without defining
+The doc keeps the seed's code except for its import lines and, in "Processing Large
+Datasets", the ``Table.write_parquet(..., write_append=True)`` calls, which do not exist in
+PyArrow and become our ``ChunkedParquetWriter`` (marked ``# writer``; test_docs_examples.py
+checks the doc against the seed). The globals an example assumes without defining
 (``large_dataset``, ``process_chunk``, the pipeline's initial data) are supplied around it.
 Examples that judge real memory run in a fresh child process, so the pytest process's own
 footprint cannot tip their budgets.
@@ -19,137 +19,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from doc_examples import example, pipeline_example
 from stream_helpers import WARNING, ScriptedMonitor
 
 from memsafe_dagster.memory.cgroup_cap import run_measured
 
 ROWS = 120_000
 
-PROCESSING_LARGE_DATASETS = '''
-import gc
-from memsafe_dagster.datasets import process_in_chunks, ChunkedParquetWriter  # imports changed
-from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel  # imports changed
+PROCESSING_LARGE_DATASETS = example("Processing Large Datasets")
 
-def process_large_dataset_safely(dataset_path, output_path):
-    """Process large dataset with memory monitoring and graceful degradation."""
-
-    # Configure conservative memory limits for constrained environments
-    memory_monitor = MemoryMonitor(
-        max_pyarrow_mb=512,      # Reduced from default 2048MB
-        max_process_memory_mb=1024, # 1GB total process limit
-        min_system_available_mb=256, # Keep 256MB free
-    )
-
-    # Import dataset
-    import pyarrow.dataset as ds
-    dataset = ds.dataset(dataset_path)
-
-    chunks_processed = 0
-    total_rows = dataset.count_rows()
-
-    print(f"Processing {total_rows:,} rows with memory monitoring...")
-
-    try:
-        for chunk in process_in_chunks(
-            dataset=dataset,
-            chunk_size_rows=50_000,  # Smaller chunks for memory-constrained environments
-            max_memory_mb=512,
-            memory_monitor=memory_monitor,
-            enable_progress=True
-        ):
-            chunks_processed += 1
-
-            # Memory-aware processing
-            if chunks_processed % 10 == 0:  # Check every 10 chunks
-                pressure = memory_monitor.check_memory_pressure()
-
-                if pressure == MemoryPressureLevel.WARNING:
-                    print(f"⚠️  Memory warning at chunk {chunks_processed}")
-                    gc.collect()  # Trigger garbage collection
-
-                elif pressure == MemoryPressureLevel.CRITICAL:
-                    print(f"🔥 Memory critical at chunk {chunks_processed}, reducing chunk size")
-                    # Could implement dynamic chunk size reduction here
-                    gc.collect()
-
-                elif pressure == MemoryPressureLevel.EMERGENCY:
-                    raise MemoryError("Memory limit exceeded, cannot continue safely")
-
-            # Process chunk (example: filter and write)
-            processed_chunk = chunk.filter(pa.compute.field("status") == "active")
-
-            if chunks_processed == 1:
-                # Write first chunk with schema
-                writer = ChunkedParquetWriter(  # writer
-                    output_path,
-                    compression='snappy'
-                )
-                writer.write(processed_chunk)  # writer
-            else:
-                # Append subsequent chunks
-                writer.write(processed_chunk)  # writer
-
-            # Progress reporting
-            rows_processed = chunks_processed * 50_000
-            progress = min(rows_processed / total_rows * 100, 100)
-            print(f"Progress: {progress:.1f}% ({rows_processed:,}/{total_rows:,} rows)")
-        writer.close()  # writer: publish the file
-
-    except MemoryError as e:
-        print(f"❌ Memory error: {e}")
-        print(f"Processed {chunks_processed} chunks before failure")
-        raise
-
-    print(f"✅ Completed processing {chunks_processed} chunks successfully")
-
-# Usage
-process_large_dataset_safely(
-    dataset_path="large_dataset.parquet",
-    output_path="filtered_output.parquet"
-)
-'''
-
-DYNAMIC_CHUNK_SIZE = '''
-def adaptive_chunked_processing(dataset, initial_chunk_size=100_000):
-    """Process dataset with adaptive chunk sizing based on memory pressure."""
-
-    monitor = MemoryMonitor(max_pyarrow_mb=512)
-    chunk_size = initial_chunk_size
-    chunks_processed = 0
-
-    for chunk in process_in_chunks(
-        dataset=dataset,
-        chunk_size_rows=chunk_size,
-        max_memory_mb=512,
-        memory_monitor=monitor
-    ):
-        chunks_processed += 1
-
-        # Monitor memory pressure
-        if chunks_processed > 1:  # Don't adjust on first chunk
-            pressure = monitor.check_memory_pressure()
-
-            if pressure == MemoryPressureLevel.WARNING:
-                # Reduce chunk size by 20%
-                chunk_size = int(chunk_size * 0.8)
-                print(f"⚠️  Reducing chunk size to {chunk_size:,} due to memory pressure")
-
-            elif pressure == MemoryPressureLevel.CRITICAL:
-                # Reduce chunk size by 50%
-                chunk_size = int(chunk_size * 0.5)
-                print(f"🔥 Aggressively reducing chunk size to {chunk_size:,}")
-                gc.collect()
-
-            elif pressure == MemoryPressureLevel.EMERGENCY:
-                raise MemoryError("Cannot continue safely with current memory constraints")
-
-        # Process the chunk
-        yield chunk
-
-# Usage
-for chunk in adaptive_chunked_processing(large_dataset):
-    process_chunk(chunk)
-'''
+DYNAMIC_CHUNK_SIZE = example("Dynamic Chunk Size Adjustment")
 
 DYNAMIC_IMPORTS = """
 import gc  # imports changed
@@ -157,69 +36,13 @@ from memsafe_dagster.datasets import process_in_chunks  # imports changed
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel  # imports changed
 """
 
-PIPELINE_CLASS = '''
-class MemoryAwarePipeline:
-    """Example pipeline that adapts to memory constraints."""
-
-    def __init__(self, memory_limit_mb=1024):
-        self.monitor = MemoryMonitor(max_pyarrow_mb=memory_limit_mb)
-        self.gc_threshold = 0.8  # Trigger GC at 80% of limit
-
-    def process_pipeline(self, stages):
-        """Process data through pipeline stages with memory monitoring."""
-
-        data = self.load_initial_data()
-
-        for i, stage in enumerate(stages):
-            print(f"Processing stage {i+1}/{len(stages)}: {stage.__name__}")
-
-            # Check memory before stage
-            pressure = self.monitor.check_memory_pressure()
-
-            if pressure.value in ['warning', 'critical']:
-                print(f"Memory pressure before stage: {pressure.value}")
-
-                if pressure == MemoryPressureLevel.CRITICAL:
-                    print("Triggering garbage collection")
-                    gc.collect()
-
-                    # Recheck pressure
-                    pressure = self.monitor.check_memory_pressure()
-                    if pressure == MemoryPressureLevel.EMERGENCY:
-                        raise MemoryError("Cannot continue pipeline")
-
-            # Process stage
-            data = stage(data)
-
-            # Force memory check after stage
-            final_pressure = self.monitor.check_memory_pressure()
-            if final_pressure == MemoryPressureLevel.EMERGENCY:
-                raise MemoryError(f"Pipeline stage {stage.__name__} exceeded memory limits")
-
-        return data
-'''
-
-PIPELINE_USAGE = """
-# Usage example
-pipeline = MemoryAwarePipeline(memory_limit_mb=512)
-
-def stage1_filter(data):
-    return data.filter(pa.compute.field("status") == "active")
-
-def stage2_transform(data):
-    return data.select(["id", "value", "processed_date"])
-
-def stage3_aggregate(data):
-    return data.group_by("category").aggregate([("value", "sum")])
-
-result = pipeline.process_pipeline([stage1_filter, stage2_transform, stage3_aggregate])
-"""
-
+PIPELINE_CLASS, PIPELINE_USAGE_FIXED = pipeline_example()
 # The seed's stage 2 drops "category", which stage 3 groups by: the example cannot run as
-# written, whatever the library. This is the one-word fix that lets it run.
-PIPELINE_USAGE_FIXED = PIPELINE_USAGE.replace(
-    '["id", "value", "processed_date"]', '["id", "value", "processed_date", "category"]'
+# written, whatever the library. The doc keeps the column (marked); this is the seed's line.
+PIPELINE_USAGE = PIPELINE_USAGE_FIXED.replace(
+    '["id", "value", "processed_date", "category"]', '["id", "value", "processed_date"]'
 )
+assert PIPELINE_USAGE != PIPELINE_USAGE_FIXED
 
 
 def seed_table(rows: int) -> pa.Table:
