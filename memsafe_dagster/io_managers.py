@@ -20,11 +20,9 @@ not in``): Dagster records input metadata in its event log, so it must be plain 
 this form is. A ``pyarrow.compute.Expression`` is accepted too where the metadata never
 reaches the event log (direct ``load_input`` calls).
 
-EMERGENCY while a loaded ``ChunkStream`` / ``RecordBatchReader`` is consumed raises
-``MemoryPressureError`` from the stream. Consumed by a returned stream (the idiom above), that
-happens inside this IO manager's ``handle_output`` and becomes the memsafe ``dagster.Failure``;
-an asset body that drains a stream itself gets the same Failure by running inside
-``memory.track(context)``.
+EMERGENCY while a loaded ``ChunkStream`` / ``RecordBatchReader`` is consumed, whether by a
+returned stream (the idiom above) or by an asset body that drains it itself, fails the step
+with the memsafe ``dagster.Failure`` and the figures as they stood.
 """
 
 import math
@@ -46,7 +44,7 @@ from memsafe_dagster.datasets.chunks import process_in_chunks
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, list_data_files
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.datasets.writer import ChunkedParquetWriter, check_compression
-from memsafe_dagster.memory import MemoryMonitor
+from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError
 from memsafe_dagster.memory.sizes import MiB
 from memsafe_dagster.resources import MemoryMonitorResource
 
@@ -262,6 +260,15 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
             columns=columns,
             filter=row_filter,
         )
+
+        def as_failure(exc: BaseException) -> BaseException | None:
+            # The asset body drains this stream itself: EMERGENCY still fails the step with
+            # the memsafe Failure and its figures, not a bare MemoryPressureError.
+            if isinstance(exc, MemoryPressureError):
+                return md.pressure_failure(f"{stage} (consumed by the asset)", monitor)
+            return None
+
+        stream.add_hooks(on_error=as_failure)
         if kind == READER:
             return stream.to_reader()
         return stream

@@ -515,6 +515,40 @@ def test_emergency_fails_the_step_and_leaves_no_partial_output(tmp_path: Path) -
     assert {p: p.read_bytes() for p in data_files(tmp_path)} == before
 
 
+@pytest.mark.parametrize("annotation", [ChunkStream, pa.RecordBatchReader])
+def test_emergency_while_the_body_drains_a_loaded_stream_is_the_memsafe_failure(
+    tmp_path: Path, annotation: Any
+) -> None:
+    drained: list[int] = []
+
+    @dg.asset
+    def counts(source_numbers: annotation) -> None:  # type: ignore[valid-type]
+        for chunk in source_numbers:
+            drained.append(chunk.num_rows)
+
+    instance = dg.DagsterInstance.ephemeral()
+    assert run([source_numbers], tmp_path, instance).success
+    result = run(
+        [source_numbers, counts],
+        tmp_path,
+        instance,
+        memory=IMPOSSIBLE,
+        selection=[counts],
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = step_failures(result)
+    description, metadata = failure_data(failure)
+    assert description.startswith(
+        "memsafe: memory pressure EMERGENCY during loading input 'source_numbers'"
+    )
+    assert "(consumed by the asset)" in description
+    assert metadata[md.PRESSURE] == "emergency"
+    for key in md.MEMORY_KEYS:
+        assert key in metadata
+    assert drained == []
+
+
 def test_a_retried_write_streams_with_half_the_chunk_size(tmp_path: Path) -> None:
     @dg.asset(retry_policy=dg.RetryPolicy(max_retries=2))
     def retried() -> ChunkStream:

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 
@@ -20,6 +20,7 @@ from memsafe_dagster.memory import MemoryPressureLevel
 
 Hook = Callable[["ChunkStream"], None]
 ChunkHook = Callable[["ChunkStream", pa.Table], None]
+ErrorHook = Callable[[BaseException], "BaseException | None"]
 
 
 @dataclass
@@ -88,6 +89,7 @@ class ChunkStream(Iterator[pa.Table]):
         self._before_chunk: list[Hook] = [before_chunk] if before_chunk else []
         self._after_chunk: list[ChunkHook] = [after_chunk] if after_chunk else []
         self._on_close: list[Callable[[], None]] = [on_close] if on_close else []
+        self._on_error: list[ErrorHook] = []
         self._pending: deque[pa.RecordBatch] = deque()
         self._pending_rows = 0
         self._exhausted = False
@@ -155,8 +157,15 @@ class ChunkStream(Iterator[pa.Table]):
         before_chunk: Hook | None = None,
         after_chunk: ChunkHook | None = None,
         on_close: Callable[[], None] | None = None,
+        on_error: ErrorHook | None = None,
     ) -> ChunkStream:
-        """Attach more hooks (a wrapper such as the IO manager adds its pressure checks)."""
+        """Attach more hooks (a wrapper such as the IO manager adds its pressure checks).
+
+        ``on_error(exc)`` may return an exception to raise instead of ``exc`` (chained to it):
+        the Dagster layer turns a ``MemoryPressureError`` into its ``dagster.Failure``.
+        """
+        if on_error:
+            self._on_error.append(on_error)
         if before_chunk:
             self._before_chunk.append(before_chunk)
         if after_chunk:
@@ -186,9 +195,8 @@ class ChunkStream(Iterator[pa.Table]):
             chunk = self._cut(size)
         except StopIteration:
             raise
-        except BaseException:
-            self.close()
-            raise
+        except BaseException as exc:
+            self._raise_failure(exc)
         stats = self.stats
         stats.chunks += 1
         stats.rows += chunk.num_rows
@@ -199,10 +207,18 @@ class ChunkStream(Iterator[pa.Table]):
         try:
             for after in self._after_chunk:
                 after(self, chunk)
-        except BaseException:
-            self.close()
-            raise
+        except BaseException as exc:
+            self._raise_failure(exc)
         return chunk
+
+    def _raise_failure(self, exc: BaseException) -> NoReturn:
+        """Close, then raise ``exc`` or what an ``on_error`` hook turns it into."""
+        self.close()
+        for translate in self._on_error:
+            replacement = translate(exc)
+            if replacement is not None and replacement is not exc:
+                raise replacement from exc
+        raise exc
 
     def _fill(self, rows: int) -> None:
         """Pull from the source until ``rows`` rows are pending or it is exhausted."""
