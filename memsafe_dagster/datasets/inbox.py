@@ -54,9 +54,14 @@ def list_inbox(
         relative = path[len(inbox) :].lstrip("/") if path.startswith(inbox) else path
         if is_hidden(relative) or not fs.isfile(path):
             continue
-        info = fs.info(path)
-        files.append(InboxFile(path=path, size=int(info.get("size") or 0), mtime=_mtime(fs, path)))
+        files.append(inbox_file(fs, path))
     return sorted(files, key=lambda f: (f.mtime, f.path))
+
+
+def inbox_file(fs: fsspec.AbstractFileSystem, path: str) -> InboxFile:
+    """The ``InboxFile`` (size, mtime) of one existing file, as a listing would give it."""
+    info = fs.info(path)
+    return InboxFile(path=path, size=int(info.get("size") or 0), mtime=_mtime(fs, path))
 
 
 def batch_key(files: Iterable[InboxFile]) -> str:
