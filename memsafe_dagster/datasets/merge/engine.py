@@ -34,7 +34,12 @@ import pyarrow.parquet as pq
 from memsafe_dagster.datasets.commit import DatasetTransaction, crash_point
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, is_local, join
 from memsafe_dagster.datasets.merge.arrays import fixed_values, from_numpy, indices
-from memsafe_dagster.datasets.merge.guard import MergeGuard, ProgressCallback, timed
+from memsafe_dagster.datasets.merge.guard import (
+    MergeGuard,
+    ProgressCallback,
+    merge_memory_pool,
+    timed,
+)
 from memsafe_dagster.datasets.merge.keys import KeyCodec, KeyIndex
 from memsafe_dagster.datasets.merge.options import DEFAULT_ROW_GROUP_SIZE, MergeOptions
 from memsafe_dagster.datasets.merge.plan import TargetDataset, TargetFile, load_target
@@ -139,7 +144,7 @@ class MergeEngine:
         started = time.perf_counter()
         existed = self.fs.exists(self.target)
         committed = False
-        with self.guard:
+        with merge_memory_pool(self.opts.memory_pool), self.guard:
             try:
                 self.guard.check("validation")
                 with timed(self.phases, "open"):
@@ -295,7 +300,15 @@ class MergeEngine:
             state.row_spool = IpcSpool(spill_dir.new_path("rows"), conformer.out_schema)
         budget = self._index_budget()
         hashed = not self.codec.exact
-        for chunk in source.chunks(lambda: self.guard.chunk_rows):
+        columns = None
+        if direct_sink is None and state.row_spool is None:
+            # Only the keys are needed now: the rows are read again when they are written
+            # (and validated then, still before anything is published).
+            columns = list(self.keys)
+            conformer = SourceConformer(
+                conformer.source, conformer.target, self.keys, keys_only=True
+            )
+        for chunk in source.chunks(lambda: self.guard.chunk_rows, columns=columns):
             self.guard.check("ingest")
             table = conformer.conform(chunk)
             n = table.num_rows
@@ -577,7 +590,10 @@ class MergeEngine:
 
         small = max(1, self.opts.target_file_rows // _SMALL_FILE_FRACTION)
         tasks: list[tuple[int, Callable[[], None]]] = []
-        if not direct and source_rows_out:
+        # A source read again is validated as it is written: every row, even those the
+        # strategy leaves out (and even when it leaves out all of them).
+        validate_later = state.row_spool is None and source.rereadable and strategy != "delete"
+        if not direct and (source_rows_out or validate_later):
             tasks.append(
                 (
                     source_rows_out,
@@ -666,9 +682,9 @@ class MergeEngine:
                 elif self.strategy == "update":
                     keep &= matched_src.slice(pos, pos + n)
                 pos += n
+                table = conformer.conform(chunk) if conform else chunk
                 if not keep.any():
                     continue
-                table = conformer.conform(chunk) if conform else chunk
                 if not keep.all():
                     table = table.take(indices(np.flatnonzero(keep)))
                 sink.write(table)

@@ -25,6 +25,7 @@ CRITICAL = MemoryPressureLevel.CRITICAL
 EMERGENCY = MemoryPressureLevel.EMERGENCY
 
 ProgressCallback = Callable[[int, int], None]
+RELEASE_FRACTION = 0.5
 
 
 class MergeGuard:
@@ -59,10 +60,10 @@ class MergeGuard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._hwm_start = peak_rss_bytes() or 0
-        # PyArrow's allocator keeps freed memory for reuse; past half the process budget (or
-        # of the PyArrow budget) every check hands it back to the OS (about 1 ms).
+        # PyArrow's allocator keeps freed memory for reuse; past RELEASE_FRACTION of the process
+        # budget (or of the PyArrow budget) checks hand it back to the OS (about 1 ms).
         budget_mb = monitor.max_process_memory_mb or monitor.max_pyarrow_mb
-        self._release_above = int(0.5 * budget_mb * 2**20) if budget_mb else None
+        self._release_above = int(RELEASE_FRACTION * budget_mb * 2**20) if budget_mb else None
         self._released_at = 0.0
         self._released_at_rss = 0
 
@@ -230,3 +231,28 @@ def timed(phases: dict[str, float], name: str) -> contextlib.AbstractContextMana
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
 
     return _timer()
+
+
+@contextlib.contextmanager
+def merge_memory_pool(choice: str) -> Iterator[str]:
+    """Make ``choice`` the default Arrow pool for the block (see ``MergeOptions.memory_pool``);
+    yields the backend name in use. A pool this PyArrow build lacks falls back to the default."""
+    previous = pa.default_memory_pool()
+    pool = None
+    if choice in ("auto", "jemalloc"):
+        with contextlib.suppress(NotImplementedError, AttributeError, pa.ArrowException):
+            pool = pa.jemalloc_memory_pool()
+            pa.jemalloc_set_decay_ms(100)
+    elif choice == "mimalloc":
+        with contextlib.suppress(NotImplementedError, AttributeError, pa.ArrowException):
+            pool = pa.mimalloc_memory_pool()
+    elif choice == "system":
+        pool = pa.system_memory_pool()
+    if pool is None:
+        yield previous.backend_name
+        return
+    pa.set_memory_pool(pool)
+    try:
+        yield pool.backend_name
+    finally:
+        pa.set_memory_pool(previous)

@@ -9,6 +9,7 @@ from typing import Any
 
 STRATEGIES = ("insert", "update", "upsert", "delete", "full_merge")
 DUPLICATE_POLICIES = ("error", "first", "last")
+MEMORY_POOLS = ("auto", "jemalloc", "mimalloc", "system", "default")
 COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "brotli", "none")
 
 DEFAULT_ROW_GROUP_SIZE = 131_072
@@ -37,6 +38,10 @@ class MergeOptions:
       ``merge_max_memory_mb``); a larger source is spilled to disk and matched in passes.
     - ``durable``: fsync staged files and the commit record (survives power loss, not only
       process death; slower).
+    - ``memory_pool``: the Arrow allocator while the merge runs: "auto" (default: jemalloc
+      returning freed memory after 100 ms, when PyArrow has it: measured lower RSS and half the
+      page-fault time of mimalloc on this workload), "jemalloc", "mimalloc", "system", or
+      "default" (leave the process's pool alone). The previous pool is restored afterwards.
     """
 
     row_group_size: int | None = None
@@ -49,6 +54,7 @@ class MergeOptions:
     workers: int | None = None
     index_memory_mb: float | None = None
     durable: bool = False
+    memory_pool: str = "auto"
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> MergeOptions:
@@ -75,6 +81,10 @@ class MergeOptions:
         ):
             raise ValueError(
                 f"index_memory_mb must be a positive number, got {self.index_memory_mb!r}"
+            )
+        if self.memory_pool not in MEMORY_POOLS:
+            raise ValueError(
+                f"memory_pool must be one of {list(MEMORY_POOLS)}, got {self.memory_pool!r}"
             )
         if not isinstance(self.use_dictionary, (bool, type(None))) and (
             isinstance(self.use_dictionary, str)
