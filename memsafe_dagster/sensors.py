@@ -14,6 +14,12 @@ import dagster as dg
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.inbox import batch_key, list_inbox
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel
+from memsafe_dagster.merge_asset import (
+    INBOX,
+    INBOX_PATTERN,
+    inbox_storage_options,
+    merge_asset_spec,
+)
 from memsafe_dagster.metadata import FAILURE_PREFIX, LIMIT_MB, LIMIT_SOURCE, PEAK_RSS_MB
 
 DIAGNOSIS_TAG = "memsafe/diagnosis"
@@ -63,10 +69,10 @@ def memory_gate(
 def build_inbox_sensor(
     *,
     name: str,
-    inbox: str,
     target: dg.AssetsDefinition,
+    inbox: str | None = None,
     job: Any = None,
-    pattern: str = "*.parquet",
+    pattern: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     minimum_interval_seconds: int = 30,
     memory_threshold: MemoryPressureLevel | None = MemoryPressureLevel.CRITICAL,
@@ -78,9 +84,27 @@ def build_inbox_sensor(
     The run's config hands ``target`` (an inbox merge asset of ``build_merge_asset``) the exact
     files of the batch, so files that land while a run is in flight go to the next batch. The
     cursor remembers the files already requested while they are still in the inbox (the merge
-    moves them to ``_processed/`` after its commit). Memory-gated unless
+    moves them to ``_processed/`` after its commit). ``inbox``, ``pattern`` and
+    ``storage_options`` default to the ones ``target`` was built with. Memory-gated unless
     ``memory_threshold`` is None.
     """
+    built_with = merge_asset_spec(target)
+    if inbox is None:
+        inbox = built_with.get(INBOX)
+        if inbox is None:
+            raise ValueError(
+                f"build_inbox_sensor({name!r}): pass inbox=, or a target built by "
+                "build_merge_asset with an inbox URL as its source"
+            )
+    if "{" in inbox or target.partitions_def is not None:
+        raise ValueError(
+            f"build_inbox_sensor({name!r}): {target.key.to_user_string()} is partitioned; an "
+            "inbox sensor launches unpartitioned runs (one inbox, one target)"
+        )
+    if pattern is None:
+        pattern = built_with.get(INBOX_PATTERN, "*.parquet")
+    if storage_options is None:
+        storage_options = inbox_storage_options(target)
     op_name = target.op.name
     run_target: dict[str, Any] = {"job": job} if job is not None else {"asset_selection": [target]}
 

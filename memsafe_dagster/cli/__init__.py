@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order `memsafe --help` lists them.
-COMMANDS = ("status", "monitor", "run", "merge", "recover")
+COMMANDS = ("status", "monitor", "run", "merge", "recover", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
