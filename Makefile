@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 DEV    := $(VENV)/.dev-installed
 BENCHX := $(VENV)/.bench-installed
 BENCH  ?= quick
+# The demo's data and its own Dagster instance (`make ui` shows what `make demo` ran).
+DEMO_DATA := $(abspath $(or $(MEMSAFE_DEMO_DATA),.memsafe_data))
 
 .PHONY: demo test ui bench lint format clean
 
@@ -22,13 +24,15 @@ $(BENCHX): pyproject.toml | $(DEV)
 	touch $@
 
 demo: $(DEV)
-	$(BIN)/memsafe demo
+	MEMSAFE_DEMO_DATA=$(DEMO_DATA) $(BIN)/memsafe demo
 
 test: $(DEV)
 	$(BIN)/python -m pytest -q
 
 ui: $(DEV)
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
+	MEMSAFE_DEMO_DATA=$(DEMO_DATA) $(BIN)/memsafe demo --prepare
+	MEMSAFE_DEMO_DATA=$(DEMO_DATA) DAGSTER_HOME=$(DEMO_DATA)/dagster_home \
+		$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
 
 bench: $(BENCHX)
 	$(BIN)/python -m benchmarks.run --suite $(BENCH)

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memsafe_dagster.demo.run import dagster_home_for, ensure_dagster_home, run_demo
+    from memsafe_dagster.demo.run import ensure_dagster_home, run_demo
     from memsafe_dagster.demo.settings import DemoSettings
 
     settings = DemoSettings.from_env()
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--days must be a positive integer, got {args.days}")
     if args.prepare:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        home = ensure_dagster_home(dagster_home_for(settings))
+        home = ensure_dagster_home(settings.dagster_home)
         print(f"memsafe demo: data in {settings.data_dir}, Dagster home {home}")
         return 0
     report = run_demo(

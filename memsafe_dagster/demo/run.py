@@ -1,19 +1,18 @@
 """``memsafe demo``: materialize the demo graph headless and print a short report per asset.
 
-Runs go into a persistent Dagster instance (``$DAGSTER_HOME``, default
-``<data dir>/dagster_home``), so ``make ui`` afterwards shows their history, metadata plots
-and check results. Each day is one run of ``orders_job`` (orders_raw -> orders_clean ->
-warehouse_orders); then new CRM exports are dropped into the inbox and ``customers_job`` merges
-them. Running it again regenerates the same days: the warehouse reports updates, not inserts.
+Runs go into the demo's own persistent Dagster instance, ``<data dir>/dagster_home`` (never a
+``$DAGSTER_HOME`` of yours), which ``make ui`` also uses: the web UI then shows their history,
+metadata plots and check results. Each day is one run of ``orders_job`` (orders_raw ->
+orders_clean -> warehouse_orders); then new CRM exports are dropped into the inbox and
+``customers_job`` merges them. Running it again regenerates the same days: the warehouse
+reports updates, not inserts.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,13 +29,6 @@ concurrency:
   pools:
     default_limit: 1
 """
-
-
-def dagster_home_for(settings: DemoSettings, env: Mapping[str, str] | None = None) -> Path:
-    """``$DAGSTER_HOME`` when set, else the demo's own under its data directory."""
-    env = os.environ if env is None else env
-    home = env.get("DAGSTER_HOME")
-    return Path(home).expanduser().resolve() if home else settings.dagster_home
 
 
 def ensure_dagster_home(home: Path) -> Path:
@@ -71,16 +63,15 @@ class DemoReport:
         )
 
 
-def clear_data(settings: DemoSettings, home: Path) -> None:
+def clear_data(settings: DemoSettings) -> None:
     """Remove what the demo wrote (only its own subdirectories, never the data dir itself)."""
     for path in (
         settings.io_dir,
         settings.warehouse_orders.parent,
         settings.customers_inbox.parent,
+        settings.dagster_home,
     ):
         shutil.rmtree(path, ignore_errors=True)
-    if home == settings.dagster_home:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def run_demo(
@@ -100,9 +91,9 @@ def run_demo(
     from memsafe_dagster.memory.sizes import MiB
 
     started = time.perf_counter()
-    home = dagster_home_for(settings)
+    home = settings.dagster_home
     if fresh:
-        clear_data(settings, home)
+        clear_data(settings)
     ensure_dagster_home(home)
     limits = detect_memory_limits()
     partitions = settings.partition_keys(days)
