@@ -776,7 +776,7 @@ def verify_unique_keys(
     filesystem: fsspec.AbstractFileSystem | None = None,
     storage_options: Mapping[str, Any] | None = None,
     memory_budget_mb: float = 256,
-    chunk_size_rows: int = 262_144,
+    chunk_size_rows: int = 65_536,
     spill_dir: str | None = None,
     on_chunk: Callable[[], None] | None = None,
 ) -> UniqueKeysReport:
@@ -922,6 +922,8 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _NULL_HASH = np.uint64(0x5BD1E9955BD1E995)
+_PRIME = 0x100000001B3
+_HASH_WINDOW_BYTES = 1 << 20
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -981,7 +983,8 @@ def _as_large_binary(array: pa.Array, name: str) -> pa.Array:
 
 
 def _bytes_hash(array: pa.Array) -> np.ndarray:
-    """A polynomial hash of each value's bytes, vectorized over the array's buffers."""
+    """A polynomial hash of each value's bytes, vectorized over windows of the data buffer
+    (about ``_HASH_WINDOW_BYTES`` at a time, so temporaries stay small for any chunk)."""
     n = len(array)
     _, offsets_buf, data_buf = array.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64)[array.offset : array.offset + n + 1]
@@ -989,14 +992,23 @@ def _bytes_hash(array: pa.Array) -> np.ndarray:
     out = lengths.astype(np.uint64) * _GOLDEN
     if data_buf is None or n == 0 or offsets[-1] == offsets[0]:
         return out
-    start, end = int(offsets[0]), int(offsets[-1])
-    data = np.frombuffer(data_buf, dtype=np.uint8)[start:end].astype(np.uint64)
-    nonempty = lengths > 0
-    starts = (offsets[:-1] - start)[nonempty]
-    position = np.arange(end - start, dtype=np.int64) - np.repeat(starts, lengths[nonempty])
-    powers = np.cumprod(np.full(int(lengths.max()), 0x100000001B3, dtype=np.uint64))
-    sums = np.add.reduceat(data * powers[position], starts)
-    out[nonempty] ^= sums
+    data = np.frombuffer(data_buf, dtype=np.uint8)
+    i = 0
+    while i < n:
+        j = int(np.searchsorted(offsets, offsets[i] + _HASH_WINDOW_BYTES, side="right")) - 1
+        j = min(max(j, i + 1), n)
+        window = lengths[i:j]
+        nonempty = window > 0
+        if nonempty.any():
+            start, end = int(offsets[i]), int(offsets[j])
+            values = data[start:end].astype(np.uint64)
+            starts = (offsets[i:j] - start)[nonempty]
+            position = np.arange(end - start, dtype=np.int64) - np.repeat(starts, window[nonempty])
+            powers = np.cumprod(np.full(int(window.max()), _PRIME, dtype=np.uint64))
+            sums = np.add.reduceat(values * powers[position], starts)
+            hashed = out[i:j]
+            hashed[nonempty] ^= sums
+        i = j
     return out
 
 
