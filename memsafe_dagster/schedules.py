@@ -61,10 +61,11 @@ def build_merge_schedule(
     a partitioned job. ``minute_of_hour`` etc. offset the run within the window's cadence.
     """
     if isinstance(target, dg.AssetsDefinition):
+        partitions_def = target.partitions_def
         job = build_merge_job(target, name=job_name, include_upstream=include_upstream)
     else:
         job = target
-    partitions_def = getattr(job, "partitions_def", None)
+        partitions_def = getattr(job, "partitions_def", None)
     if partitions_def is not None and not isinstance(
         partitions_def, dg.TimeWindowPartitionsDefinition
     ):
