@@ -384,7 +384,7 @@ class MergeEngine:
                 state.keys.clear()
             index, dropped = KeyIndex.build(
                 codes,
-                np.arange(len(codes), dtype=np.int64),
+                None,
                 keys,
                 exact=self.codec.exact,
                 on_duplicate=self.on_duplicate,

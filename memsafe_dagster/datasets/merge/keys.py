@@ -322,7 +322,7 @@ class KeyIndex:
     def build(
         cls,
         codes: np.ndarray,
-        positions: np.ndarray,
+        positions: np.ndarray | None,
         key_values: pa.Table | None,
         *,
         exact: bool,
@@ -334,9 +334,11 @@ class KeyIndex:
     ) -> tuple[KeyIndex, np.ndarray]:
         """Sort, resolve duplicate keys by ``on_duplicate`` and index.
 
-        ``positions`` must ascend (source order). Returns the index and the source positions
-        dropped as duplicates ("first"/"last"); raises ``DuplicateKeyError`` for "error".
+        ``positions`` must ascend (source order); None means ``0..n-1``. Returns the index and
+        the source positions dropped as duplicates ("first"/"last"); raises
+        ``DuplicateKeyError`` for "error".
         """
+        sorted_codes = np.sort(codes) if exact else None  # statistics pruning
         mixed = mix(codes)
         # mix is a bijection: equal codes <=> equal mixed values, so duplicates are adjacent.
         # An unstable sort is twice as fast; only duplicates need the stable one, which keeps
@@ -345,7 +347,12 @@ class KeyIndex:
         if len(order) > 1 and (mixed[order[1:]] == mixed[order[:-1]]).any():
             order = np.argsort(mixed, kind="stable")
         mixed = mixed[order]
-        positions = positions[order]
+        small = positions is None or len(positions) == 0 or positions.max() < 2**31
+        position_type = np.int32 if len(mixed) < 2**31 and small else np.int64
+        if positions is None:
+            positions = order.astype(position_type)
+        else:
+            positions = positions[order].astype(position_type)
         if key_values is not None:
             key_values = key_values.take(indices(order))
         del order
@@ -376,11 +383,16 @@ class KeyIndex:
                     keep[1:][same] = False
                 else:
                     keep[:-1][same] = False
-                dropped = positions[~keep]
+                dropped = positions[~keep].astype(np.int64)
                 mixed, positions = mixed[keep], positions[keep]
+                if sorted_codes is not None:
+                    sorted_codes = np.sort(unmix(mixed))
                 if key_values is not None:
                     key_values = key_values.take(indices(np.flatnonzero(keep)))
-        return cls(mixed, positions, key_values, exact=exact, lo=lo, hi=hi), dropped
+        index = cls(
+            mixed, positions, key_values, exact=exact, sorted_codes=sorted_codes, lo=lo, hi=hi
+        )
+        return index, dropped
 
     # -- lookups ----------------------------------------------------------------------------------
 

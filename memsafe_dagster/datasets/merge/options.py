@@ -9,7 +9,7 @@ from typing import Any
 
 STRATEGIES = ("insert", "update", "upsert", "delete", "full_merge")
 DUPLICATE_POLICIES = ("error", "first", "last")
-MEMORY_POOLS = ("auto", "jemalloc", "mimalloc", "system", "default")
+MEMORY_POOLS = ("default", "jemalloc", "mimalloc", "system")
 COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "brotli", "none")
 
 DEFAULT_ROW_GROUP_SIZE = 131_072
@@ -38,12 +38,10 @@ class MergeOptions:
       ``merge_max_memory_mb``); a larger source is spilled to disk and matched in passes.
     - ``durable``: fsync staged files and the commit record (survives power loss, not only
       process death; slower).
-    - ``memory_pool``: the Arrow allocator while the merge runs: "auto" (default: jemalloc
-      with one arena, returning freed memory after 100 ms, when PyArrow has it; measured on the
-      10M/1M upsert: 260 MB peak RSS and half the page-fault time of mimalloc), "jemalloc",
-      "mimalloc", "system", or "default" (leave the process's pool alone). The previous pool
-      is restored afterwards. Unless ``JE_ARROW_MALLOC_CONF`` is set, "auto" sets it before
-      Arrow's jemalloc first starts (that is when jemalloc reads it).
+    - ``memory_pool``: the Arrow allocator while the merge runs: "default" (the process's
+      pool, mimalloc in PyArrow's Linux wheels: with the merge's periodic release it gave the
+      lowest peak RSS), "jemalloc", "mimalloc" or "system"; the previous pool is restored
+      afterwards.
     """
 
     row_group_size: int | None = None
@@ -56,7 +54,7 @@ class MergeOptions:
     workers: int | None = None
     index_memory_mb: float | None = None
     durable: bool = False
-    memory_pool: str = "auto"
+    memory_pool: str = "default"
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> MergeOptions:
