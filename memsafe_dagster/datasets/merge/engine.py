@@ -130,6 +130,9 @@ class MergeEngine:
         self.streaming = streaming
         self.opts = options
         self.workers = options.worker_count()
+        # Encode and write in the sinks' own threads (a second core per file) when there is
+        # more than one core to use.
+        self.cpus = options.cpu_count()
         self.guard = MergeGuard(
             monitor, workers=self.workers, chunk_rows=chunk_rows, progress_callback=progress
         )
@@ -205,6 +208,14 @@ class MergeEngine:
             max_rows=self.opts.target_file_rows,
         )
         sinks: list[OutputSink] = [new_rows]
+        self.abort = threading.Event()
+        self.pool = (
+            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="memsafe-merge")
+            if self.workers > 1
+            else None
+        )
+        self._early_write: Future[None] | None = None
+        self._source_written = 0
         try:
             # upsert/full_merge write every source row: a source that can be read only once
             # is written while it is ingested; one that can be read again is written later,
@@ -221,27 +232,72 @@ class MergeEngine:
                 + (dataset.rows if self.strategy in ("upsert", "update", "delete") else 0)
                 + (0 if direct or self.strategy == "delete" else estimate_source)
             )
+            new_rows.background = self._background(1) if direct else False
             with timed(self.phases, "ingest"):
                 ingested = self._ingest(source, conformer, new_rows if direct else None, spill_dir)
             crash_point("merge-ingested")
             self.result.source_count = ingested.rows
             matched_src = BitSet(ingested.rows)
             dropped_src = BitSet(ingested.rows)
+            # upsert/full_merge write every (deduplicated) source row whatever the target holds:
+            # that can start as soon as the index is built, beside the key scan.
+            early = (
+                self.strategy in ("upsert", "full_merge") and not direct and self.pool is not None
+            )
+
+            def write_source_early() -> None:
+                try:
+                    self._write_source(
+                        source, conformer, ingested, matched_src, dropped_src, new_rows
+                    )
+                except BaseException:
+                    self.abort.set()  # stop the scan and the rewrites: this merge has failed
+                    raise
+
+            def start_source_write() -> None:
+                self._early_write = self.pool.submit(write_source_early)  # type: ignore[union-attr]
+
             with timed(self.phases, "scan"):
-                self._match(ingested, matched_src, dropped_src)
+                self._match(
+                    ingested, matched_src, dropped_src, start_source_write if early else None
+                )
+            self._raise_if_aborted()
             crash_point("merge-scanned")
             self._write_phase(
                 source, conformer, ingested, matched_src, dropped_src, new_rows, direct, sinks
             )
+            self._raise_if_aborted()
             self.guard.check("commit")
             with timed(self.phases, "commit"):
                 self._commit(sinks)
         except BaseException:
+            self.abort.set()
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
             for sink in sinks:
                 sink.abort()
             raise
         finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
             spill_dir.cleanup()
+
+    def _background(self, concurrent_tasks: int) -> bool:
+        """Whether outputs encode in their own threads (see ``MergeOptions``)."""
+        if self.opts.background_writes is not None:
+            return self.opts.background_writes
+        return self.cpus > 1 and concurrent_tasks < max(2, self.workers)
+
+    def _raise_if_aborted(self) -> None:
+        """Raise what stopped a background task (its work is incomplete: never commit it)."""
+        if self._early_write is not None and self._early_write.done():
+            error = self._early_write.exception()
+            if error is not None:
+                raise error
+        if self.abort.is_set():
+            if self._early_write is not None:
+                self._early_write.result()
+            raise RuntimeError("merge aborted by a failed background task")
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -368,7 +424,13 @@ class MergeEngine:
 
     # -- phase 2: index + key scan ----------------------------------------------------------
 
-    def _match(self, state: _Ingested, matched_src: BitSet, dropped_src: BitSet) -> None:
+    def _match(
+        self,
+        state: _Ingested,
+        matched_src: BitSet,
+        dropped_src: BitSet,
+        on_index: Callable[[], None] | None = None,
+    ) -> None:
         files = self.dataset.files
         if state.key_spill is None:
             self.guard.check("index")
@@ -394,6 +456,8 @@ class MergeEngine:
             del codes, keys
             self.guard.check("index")
             dropped_src.set(dropped)
+            if on_index is not None:
+                on_index()
             self._scan_pass(index, files, matched_src)
             self.result.key_passes = 1
         else:
@@ -508,6 +572,8 @@ class MergeEngine:
             pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
             for rg in range(f.num_row_groups):
                 rows = int(f.rg_starts[rg + 1] - f.rg_starts[rg])
+                if self.abort.is_set():
+                    return
                 self.guard.check("scan")
                 if not index.may_contain_range(f.bounds[rg]):
                     self.guard.advance(rows)
@@ -585,7 +651,7 @@ class MergeEngine:
 
         rewrite_rows = sum(f.rows for f in replaced if strategy != "full_merge")
         rewrite_rows += sum(f.rows for f in compact)
-        write_rows = 0 if direct else source_rows_out
+        write_rows = 0 if direct else max(0, source_rows_out - self._source_written)
         self.guard.set_total(self.guard.done + rewrite_rows + write_rows)
 
         small = max(1, self.opts.target_file_rows // _SMALL_FILE_FRACTION)
@@ -593,7 +659,7 @@ class MergeEngine:
         # A source read again is validated as it is written: every row, even those the
         # strategy leaves out (and even when it leaves out all of them).
         validate_later = state.row_spool is None and source.rereadable and strategy != "delete"
-        if not direct and (source_rows_out or validate_later):
+        if self._early_write is None and not direct and (source_rows_out or validate_later):
             tasks.append(
                 (
                     source_rows_out,
@@ -628,8 +694,15 @@ class MergeEngine:
                 )
         for f in compact:
             tasks.append((f.rows, lambda f=f: self._rewrite(f, new_rows, own=False)))
+        # Fewer tasks than workers (one touched file, say): let each output encode in its own
+        # thread, so a single file still uses two cores.
+        background = self._background(len(tasks) + (self._early_write is not None))
+        for sink in sinks:
+            sink.background = sink.background or background
         with timed(self.phases, "rewrite"):
             self._run_tasks(tasks)
+            if self._early_write is not None:
+                self._early_write.result()
 
     def _rewrite(self, f: TargetFile, sink: OutputSink, *, own: bool) -> None:
         """Copy ``f``'s unmatched rows into ``sink``, a chunk at a time."""
@@ -640,6 +713,8 @@ class MergeEngine:
                 batch_size=self.guard.chunk_rows, use_threads=self.workers == 1
             )
             for batch in batches:
+                if self.abort.is_set():
+                    return
                 self.guard.check("rewrite")
                 n = batch.num_rows
                 table = pa.Table.from_batches([batch])
@@ -672,6 +747,8 @@ class MergeEngine:
                 conform = True
             pos = 0
             for chunk in chunks:
+                if self.abort.is_set():
+                    return
                 self.guard.check("write")
                 n = chunk.num_rows
                 if n == 0:
@@ -688,7 +765,9 @@ class MergeEngine:
                 if not keep.all():
                     table = table.take(indices(np.flatnonzero(keep)))
                 sink.write(table)
-                self.guard.advance(int(keep.sum()))
+                kept = int(keep.sum())
+                self._source_written += kept
+                self.guard.advance(kept)
 
     def _run_tasks(self, tasks: list[tuple[int, Callable[[], None]]]) -> None:
         """Run weighted ``tasks`` on ``workers`` threads, heaviest first (so both cores stay
@@ -696,19 +775,19 @@ class MergeEngine:
         if not tasks:
             return
         ordered = [task for _, task in sorted(tasks, key=lambda t: -t[0])]
-        if self.workers == 1 or len(ordered) == 1:
+        if self.pool is None or len(ordered) == 1:
             for task in ordered:
                 task()
             return
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="memsafe-merge") as ex:
-            futures: list[Future[None]] = [ex.submit(task) for task in ordered]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-                raise failed[0].exception()  # type: ignore[misc]
+        futures: list[Future[None]] = [self.pool.submit(task) for task in ordered]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            self.abort.set()
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            raise failed[0].exception()  # type: ignore[misc]
 
     # -- phase 4: commit ----------------------------------------------------------------------
 

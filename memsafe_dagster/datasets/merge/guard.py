@@ -250,7 +250,7 @@ def merge_memory_pool(choice: str) -> Iterator[str]:
     yields the backend name in use. A pool this PyArrow build lacks leaves the default."""
     previous = pa.default_memory_pool()
     pool = None
-    if choice == "jemalloc":
+    if choice in ("auto", "jemalloc"):
         with contextlib.suppress(NotImplementedError, AttributeError, pa.ArrowException):
             pool = pa.jemalloc_memory_pool()
             pa.jemalloc_set_decay_ms(100)

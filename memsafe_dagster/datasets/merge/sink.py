@@ -6,6 +6,7 @@ rows leaves nothing behind, and nothing is visible in the dataset before the com
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -113,7 +114,10 @@ NewFile = Callable[[str, str], str]  # (directory relative to the target, prefix
 class OutputSink:
     """Rolling output: files of at most ``max_rows`` rows in ``directory`` named ``prefix-*``.
 
-    ``write`` may be called from several threads (one lock per sink).
+    ``write`` may be called from several threads (one lock per sink). With ``background``,
+    encoding and writing happen in the sink's own thread, fed through a queue of two tables:
+    the caller decodes the next batch while this one is encoded (two cores on one file), and
+    the queue bounds the memory in flight.
     """
 
     afs: pafs.FileSystem
@@ -129,6 +133,11 @@ class OutputSink:
     _stream: Any = None
     _file_rows: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    background: bool = False
+    _queue: queue.Queue | None = None
+    _thread: threading.Thread | None = None
+    _error: BaseException | None = None
+    _aborted: bool = False
 
     @property
     def rows(self) -> int:
@@ -137,6 +146,56 @@ class OutputSink:
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
+        if self.background:
+            self._put(table)
+            return
+        self._write_now(table)
+
+    def _put(self, item: pa.Table | None) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._queue = queue.Queue(maxsize=2)
+                self._thread = threading.Thread(
+                    target=self._drain, name="memsafe-merge-writer", daemon=True
+                )
+                self._thread.start()
+        assert self._queue is not None
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None or self._aborted:
+                continue
+            try:
+                self._write_now(item)
+            except BaseException as exc:  # handed to the producer on its next write/close
+                self._error = exc
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            assert self._queue is not None
+            while True:
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    if not self._thread.is_alive():
+                        break
+            self._thread.join()
+            self._thread = None
+
+    def _write_now(self, table: pa.Table) -> None:
         with self._lock:
             self._pending.append(table)
             self._pending_rows += table.num_rows
@@ -187,6 +246,9 @@ class OutputSink:
 
     def close(self) -> list[WrittenFile]:
         """Flush the last (short) row group and close; returns every file written."""
+        self._stop_thread()
+        if self._error is not None:
+            raise self._error
         with self._lock:
             while self._pending_rows:
                 self._emit(min(self._pending_rows, self._next_group_rows()))
@@ -195,6 +257,8 @@ class OutputSink:
 
     def abort(self) -> None:
         """Close without flushing (the staging is about to be discarded)."""
+        self._aborted = True
+        self._stop_thread()
         with self._lock:
             self._pending.clear()
             self._pending_rows = 0
