@@ -535,21 +535,34 @@ def _inbox_batch(
 
 
 def _inbox_member(fs: fsspec.AbstractFileSystem, inbox: str, raw: str) -> str:
-    """``raw`` (a name in the inbox, a path or a URL) as a path inside ``inbox``, or ValueError."""
+    """``raw`` (a URL, an absolute path, or a path relative to the inbox) as a path inside
+    ``inbox``; anything else is a ValueError."""
     if not isinstance(raw, str) or not raw:
         raise ValueError(f"files: {raw!r} is not a file name or path")
-    stripped = fs._strip_protocol(raw) if "/" in raw else join(inbox, raw)
+    absolute = "://" in raw or raw.startswith("/")
+    stripped = fs._strip_protocol(raw) if absolute else join(inbox, raw)
     relative = stripped[len(inbox) :].lstrip("/") if stripped.startswith(inbox + "/") else None
-    if relative is None or not relative or is_hidden(relative):
+    if not relative or ".." in relative.split("/") or is_hidden(relative):
         raise ValueError(f"files: {raw!r} is not a file in the inbox {inbox}")
     return stripped
 
 
 def _inbox_dataset(fs: fsspec.AbstractFileSystem, batch: Sequence[InboxFile]) -> ds.Dataset:
-    """The batch's files as one lazy dataset, in batch order (oldest first)."""
+    """The batch's files as one lazy dataset, in batch order (oldest first).
+
+    Its schema unifies the files' own (a column only some files have is kept, null elsewhere),
+    so the merge sees every column and refuses one the target does not know.
+    """
     afs = arrow_filesystem(fs)
-    with afs.open_input_file(batch[0].path) as fh:
-        schema = pq.ParquetFile(fh, pre_buffer=False).schema_arrow
+    schemas = []
+    for f in batch:
+        with afs.open_input_file(f.path) as fh:
+            schemas.append(pq.ParquetFile(fh, pre_buffer=False).schema_arrow)
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        names = ", ".join(f.name for f in batch)
+        raise ValueError(f"inbox files {names} have incompatible schemas: {exc}") from None
     return ds.dataset([f.path for f in batch], schema=schema, filesystem=afs, format="parquet")
 
 

@@ -283,6 +283,44 @@ def test_a_failed_inbox_merge_leaves_the_files_and_the_target(tmp_path: Path) ->
     assert snapshot(target) == before
 
 
+def test_inbox_files_with_different_schemas(tmp_path: Path) -> None:
+    """Files of one batch are unified: an int32 key next to int64 merges; a column the target
+    does not know is refused (not silently dropped) and the files stay in the inbox."""
+    inbox, target = tmp_path / "inbox", tmp_path / "t"
+    merged = build_merge_asset(
+        "mixed", source=str(inbox), target_path=str(target), key_columns="id"
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    drop(inbox, "a.parquet", rows(range(0, 5), "a"))
+    narrow = pa.table({"id": pa.array(range(5, 8), pa.int32()), "v": ["b5", "b6", "b7"]})
+    drop(inbox, "b.parquet", narrow)
+    assert dg.materialize([merged], resources=resources(tmp_path), instance=instance).success
+    table = read(target)
+    assert table.schema.field("id").type == pa.int64() and table.num_rows == 8
+
+    drop(inbox, "c.parquet", rows(range(8, 9), "c"))
+    wide = rows(range(9, 10), "d").append_column("phone", pa.array(["555"]))
+    d = drop(inbox, "d.parquet", wide)
+    before = snapshot(target)
+    result = dg.materialize(
+        [merged], resources=resources(tmp_path), instance=instance, raise_on_error=False
+    )
+    [failure] = step_failures(result)
+    assert "phone" in failure.step_failure_data.error.to_string()
+    assert d.exists() and (inbox / "c.parquet").exists()
+    assert snapshot(target) == before
+    for bad in ("../t/x.parquet", "_processed/x.parquet"):
+        result = dg.materialize(
+            [merged],
+            resources=resources(tmp_path),
+            instance=instance,
+            run_config=inbox_config("mixed", [bad]),
+            raise_on_error=False,
+        )
+        [failure] = step_failures(result)
+        assert "is not a file in the inbox" in failure.step_failure_data.error.to_string()
+
+
 # -- partitions ------------------------------------------------------------------------------------
 
 DAYS = dg.DailyPartitionsDefinition(start_date="2024-01-01", end_date="2024-01-04")

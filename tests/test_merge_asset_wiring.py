@@ -55,8 +55,11 @@ def test_the_inbox_sensor_reads_its_inbox_from_the_merge_asset_and_feeds_it(
     with dg.instance_for_test() as instance:
 
         def tick(cursor: str | None) -> dg.SensorResult:
-            context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
-            return sensor.evaluate_tick(context)
+            # As a context manager: a context left open re-enters the instance when collected.
+            with dg.build_sensor_context(
+                instance=instance, cursor=cursor, definitions=defs
+            ) as context:
+                return sensor.evaluate_tick(context)
 
         first_file = drop(inbox, "a.parquet", range(0, 10))
         first = tick(None)
@@ -184,11 +187,11 @@ def test_a_schedule_from_the_partitioned_merge_job_merges_the_window_that_closed
     resolved = defs.resolve_schedule_def("all_days_job_schedule")
     assert resolved.cron_schedule == "0 1 * * *"
     with dg.instance_for_test() as instance:
-        context = dg.build_schedule_context(
+        with dg.build_schedule_context(
             instance=instance,
             scheduled_execution_time=dt.datetime(2024, 1, 3, 1, 0, tzinfo=dt.timezone.utc),
-        )
-        [request] = resolved.evaluate_tick(context).run_requests
+        ) as context:
+            [request] = resolved.evaluate_tick(context).run_requests
         assert request.partition_key == "2024-01-02"
         result = job.execute_in_process(instance=instance, partition_key=request.partition_key)
         assert result.success
