@@ -1,5 +1,8 @@
 """Shared helpers for the merge tests: datasets on disk, an oracle, row sets, child processes.
 
+Nothing here builds an Arrow array at import time: that imports pandas (about 50 MB of RSS),
+which would inflate the memory the child processes measure.
+
 Run as a script it is the child process of the crash, lock and memory tests:
 ``python tests/merge_helpers.py merge SOURCE TARGET KEY [json-kwargs]`` prints the MergeResult as
 JSON after a ``READY`` line; ``generate`` writes the big upsert dataset.
@@ -160,7 +163,7 @@ SCHEMA = pa.schema(
         ("category", pa.string()),
     ]
 )
-_CATEGORIES = pa.array(["retail", "wholesale", "online", "partner", "enterprise", "other"])
+_CATEGORIES = ["retail", "wholesale", "online", "partner", "enterprise", "other"]
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -195,7 +198,7 @@ def _rows(index: np.ndarray, *, source: bool) -> pa.Table:
                 + (1_750_000_000_000_000 if source else 1_700_000_000_000_000),
                 pa.int64(),
             ).cast(pa.timestamp("us")),
-            "category": _CATEGORIES.take(pa.array((h % np.uint64(6)).astype(np.int64))),
+            "category": pa.array(_CATEGORIES).take(pa.array((h % np.uint64(6)).astype(np.int64))),
         },
         schema=SCHEMA,
     )

@@ -257,10 +257,14 @@ class MergeEngine:
             def start_source_write() -> None:
                 self._early_write = self.pool.submit(write_source_early)  # type: ignore[union-attr]
 
+            on_index = start_source_write if early else None
+            if early and self.on_duplicate == "error":
+                # No row can be dropped as a duplicate (one would fail the merge, discarding
+                # what was staged): the write need not wait for the index either.
+                start_source_write()
+                on_index = None
             with timed(self.phases, "scan"):
-                self._match(
-                    ingested, matched_src, dropped_src, start_source_write if early else None
-                )
+                self._match(ingested, matched_src, dropped_src, on_index)
             self._raise_if_aborted()
             crash_point("merge-scanned")
             self._write_phase(
