@@ -151,7 +151,7 @@ class MergeEngine:
             try:
                 self.guard.check("validation")
                 with timed(self.phases, "open"):
-                    source = open_source(self.data, chunk_rows=self.chunk_rows)
+                    source = open_source(self.data, chunk_rows=self.chunk_rows, filesystem=self.fs)
                 try:
                     with DatasetTransaction(
                         self.fs,

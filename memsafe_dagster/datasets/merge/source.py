@@ -95,16 +95,27 @@ def _is_arrow_dataset(data: object) -> bool:
 
 
 def open_source(
-    data: object, *, chunk_rows: int, storage_options: dict | None = None
+    data: object,
+    *,
+    chunk_rows: int,
+    filesystem: fsspec.AbstractFileSystem | None = None,
+    storage_options: dict | None = None,
 ) -> MergeSource:
     """Normalize ``data`` (Table, RecordBatch, RecordBatchReader, Dataset, ChunkStream, path or
-    URL of Parquet files, iterable of batches) into a ``MergeSource``."""
+    URL of Parquet files, iterable of batches) into a ``MergeSource``.
+
+    A URL picks its own filesystem (``storage_options`` passed through); a plain path is on
+    ``filesystem`` (the target's) when given.
+    """
     if isinstance(data, pa.RecordBatch):
         data = pa.Table.from_batches([data])
     if isinstance(data, pa.Table):
         return MergeSource(data.schema, data.num_rows, True, "table", _table=data)
     if isinstance(data, (str, os.PathLike)):
-        fs, path = resolve_filesystem(data, storage_options=storage_options)
+        if filesystem is not None and "://" not in os.fspath(data):
+            fs, path = filesystem, filesystem._strip_protocol(os.fspath(data))
+        else:
+            fs, path = resolve_filesystem(data, storage_options=storage_options)
         files = tuple(list_data_files(fs, path))
         if not files:
             raise ValueError(f"source {os.fspath(data)!r} holds no Parquet files")
