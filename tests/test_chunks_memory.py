@@ -72,7 +72,9 @@ def stream_in_child(path: Path) -> tuple[float, dict]:
     run = run_measured([sys.executable, "-c", CHILD, str(path)], timeout_s=180)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert 50 < run.peak_rss_mb <= out["vm_hwm_mb"] + 1
+    # The OS figure is the child's own (no parent RSS inherited at fork); interpreter teardown
+    # after the self-report may add a few MB.
+    assert 50 < run.peak_rss_mb <= out["vm_hwm_mb"] + 8
     return out["vm_hwm_mb"], out
 
 
