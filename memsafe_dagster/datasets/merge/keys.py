@@ -266,6 +266,7 @@ class KeyIndex:
         *,
         exact: bool,
         sorted_codes: np.ndarray | None = None,
+        codes: np.ndarray | None = None,
         lo: int = 0,
         hi: int | None = None,
     ) -> None:
@@ -284,7 +285,7 @@ class KeyIndex:
         self.dir_bits = int(min(27, max(4, np.ceil(np.log2(max(n, 1))))))
         self._dir_shift = np.uint64(64 - self.dir_bits)
         if n:
-            h = mixed >> self._shift
+            h = self._bitmap_slot(unmix(mixed) if codes is None else codes)
             bit = np.left_shift(np.uint8(1), (h & np.uint64(7)).astype(np.uint8))
             np.bitwise_or.at(self.bitmap, h >> np.uint64(3), bit)
             del h, bit
@@ -389,24 +390,36 @@ class KeyIndex:
                     sorted_codes = np.sort(unmix(mixed))
                 if key_values is not None:
                     key_values = key_values.take(indices(np.flatnonzero(keep)))
+        # The bitmap is keyed on codes, and dropped duplicates share their code with a kept
+        # entry: the original codes give exactly the right bits.
         index = cls(
-            mixed, positions, key_values, exact=exact, sorted_codes=sorted_codes, lo=lo, hi=hi
+            mixed,
+            positions,
+            key_values,
+            exact=exact,
+            sorted_codes=sorted_codes,
+            codes=codes,
+            lo=lo,
+            hi=hi,
         )
         return index, dropped
 
     # -- lookups ----------------------------------------------------------------------------------
+
+    def _bitmap_slot(self, codes: np.ndarray) -> np.ndarray:
+        """Fibonacci hashing (one multiply, one shift): cheap enough for every target row,
+        good enough for a prefilter; the full ``mix`` runs on the few candidates only."""
+        return (codes * _GOLDEN) >> self._shift
 
     def candidates(
         self, codes: np.ndarray, valid: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Rows whose code may be in the index (the bitmap says no for most non-members), and
         their mixed codes."""
-        m = mix(codes)
-        h = m >> self._shift
-        mask = ((self.bitmap[h >> np.uint64(3)] >> (h & np.uint64(7)).astype(np.uint8)) & 1).astype(
-            bool
-        )
+        h = self._bitmap_slot(codes)
+        mask = (self.bitmap[h >> np.uint64(3)] >> (h & np.uint64(7)).astype(np.uint8)) & 1
         del h
+        mask = mask.view(bool)
         if valid is not None:
             mask &= valid
         if self.lo or self.hi is not None:
@@ -414,7 +427,7 @@ class KeyIndex:
             if self.hi is not None:
                 mask &= codes < self.hi
         rows = np.flatnonzero(mask)
-        return rows, m[rows]
+        return rows, mix(codes[rows])
 
     def lookup(
         self,
