@@ -43,8 +43,8 @@ def test_gate_skips_with_the_reason_under_pressure() -> None:
         calls.append(context)
         return dg.RunRequest(run_key="x")
 
-    with dg.instance_for_test() as instance:
-        result = gated.evaluate_tick(dg.build_sensor_context(instance=instance))
+    with dg.instance_for_test() as instance, dg.build_sensor_context(instance=instance) as context:
+        result = gated.evaluate_tick(context)
     assert calls == []
     assert result.run_requests == []
     assert result.skip_message.startswith("memsafe: memory pressure EMERGENCY")
@@ -63,8 +63,7 @@ def test_gate_passes_through_when_calm_for_plain_and_generator_sensors() -> None
         yield dg.RunRequest(run_key="gen-1")
         yield dg.RunRequest(run_key="gen-2")
 
-    with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance)
+    with dg.instance_for_test() as instance, dg.build_sensor_context(instance=instance) as ctx:
         assert [r.run_key for r in plain.evaluate_tick(ctx).run_requests] == ["plain"]
         assert [r.run_key for r in generator.evaluate_tick(ctx).run_requests] == [
             "gen-1",
@@ -92,10 +91,10 @@ def test_inbox_sensor_requests_each_new_batch_once(tmp_path: Path) -> None:
     with dg.instance_for_test() as instance:
 
         def tick(cursor: str | None) -> dg.SensorResult:
-            context = dg.build_sensor_context(
+            with dg.build_sensor_context(
                 instance=instance, cursor=cursor, definitions=sensor_defs(sensor)
-            )
-            return sensor.evaluate_tick(context)
+            ) as context:
+                return sensor.evaluate_tick(context)
 
         empty = tick(None)
         assert empty.run_requests == [] and "no new files" in empty.skip_message
@@ -140,8 +139,10 @@ def test_inbox_sensor_skips_hidden_and_processed_files(tmp_path: Path) -> None:
     drop(inbox / "_processed" / "k", "old.parquet", 2)
     drop(inbox, ".uploading.parquet", 2)
     sensor = build_inbox_sensor(name="s", inbox=str(inbox), target=inbox_consumer)
-    with dg.instance_for_test() as instance:
-        context = dg.build_sensor_context(instance=instance, definitions=sensor_defs(sensor))
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_sensor_context(instance=instance, definitions=sensor_defs(sensor)) as context,
+    ):
         result = sensor.evaluate_tick(context)
     assert result.run_requests == []
 
@@ -150,8 +151,10 @@ def test_inbox_sensor_is_memory_gated(tmp_path: Path, monkeypatch: pytest.Monkey
     drop(tmp_path, "a.parquet", 2)
     monkeypatch.setattr(MemoryMonitor, "for_container", staticmethod(starved_monitor))
     sensor = build_inbox_sensor(name="s", inbox=str(tmp_path), target=inbox_consumer)
-    with dg.instance_for_test() as instance:
-        context = dg.build_sensor_context(instance=instance, definitions=sensor_defs(sensor))
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_sensor_context(instance=instance, definitions=sensor_defs(sensor)) as context,
+    ):
         result = sensor.evaluate_tick(context)
     assert result.run_requests == []
     assert result.skip_message.startswith("memsafe: memory pressure")
@@ -198,15 +201,15 @@ def test_memsafe_failure_is_diagnosed_and_the_run_tagged() -> None:
     with dg.instance_for_test() as instance:
         result = dg.materialize([stopped_by_memsafe], instance=instance, raise_on_error=False)
         assert not result.success
-        context = failure_context(instance, result.run_id)
-        [event] = context.get_step_failure_events()
-        diagnosis = diagnose_step_failure(event)
-        assert diagnosis.kind == "memsafe-emergency"
-        assert (diagnosis.peak_rss_mb, diagnosis.limit_mb) == (410.5, 512.0)
-        assert "peak RSS 410 MB of a 512 MB limit (cgroup-v2)" in diagnosis.text
-        sensor(context)
-        tags = instance.get_run_by_id(result.run_id).tags
-        assert tags[DIAGNOSIS_TAG].startswith("memsafe stopped step stopped_by_memsafe cleanly")
+        with failure_context(instance, result.run_id) as context:
+            [event] = context.get_step_failure_events()
+            diagnosis = diagnose_step_failure(event)
+            assert diagnosis.kind == "memsafe-emergency"
+            assert (diagnosis.peak_rss_mb, diagnosis.limit_mb) == (410.5, 512.0)
+            assert "peak RSS 410 MB of a 512 MB limit (cgroup-v2)" in diagnosis.text
+            sensor(context)
+            tags = instance.get_run_by_id(result.run_id).tags
+            assert tags[DIAGNOSIS_TAG].startswith("memsafe stopped step stopped_by_memsafe cleanly")
 
 
 def test_a_kernel_kill_of_a_step_process_is_diagnosed() -> None:
@@ -215,22 +218,22 @@ def test_a_kernel_kill_of_a_step_process_is_diagnosed() -> None:
         job = dg.build_reconstructable_job("tests.dagster_defs_killed", "killed_job")
         result = dg.execute_job(job, instance=instance, raise_on_error=False)
         assert not result.success
-        context = failure_context(instance, result.run_id)
-        [event] = context.get_step_failure_events()
-        diagnosis = diagnose_step_failure(event)
-        assert diagnosis is not None and diagnosis.kind == "oom-killed"
-        assert "SIGKILL" in diagnosis.text
-        build_memsafe_failure_sensor()(context)
-        assert (
-            "killed by the operating system"
-            in instance.get_run_by_id(result.run_id).tags[DIAGNOSIS_TAG]
-        )
+        with failure_context(instance, result.run_id) as context:
+            [event] = context.get_step_failure_events()
+            diagnosis = diagnose_step_failure(event)
+            assert diagnosis is not None and diagnosis.kind == "oom-killed"
+            assert "SIGKILL" in diagnosis.text
+            build_memsafe_failure_sensor()(context)
+            assert (
+                "killed by the operating system"
+                in instance.get_run_by_id(result.run_id).tags[DIAGNOSIS_TAG]
+            )
 
 
 def test_other_failures_get_no_diagnosis() -> None:
     with dg.instance_for_test() as instance:
         result = dg.materialize([ordinary_bug], instance=instance, raise_on_error=False)
-        context = failure_context(instance, result.run_id)
-        assert [diagnose_step_failure(e) for e in context.get_step_failure_events()] == [None]
-        build_memsafe_failure_sensor()(context)
-        assert DIAGNOSIS_TAG not in instance.get_run_by_id(result.run_id).tags
+        with failure_context(instance, result.run_id) as context:
+            assert [diagnose_step_failure(e) for e in context.get_step_failure_events()] == [None]
+            build_memsafe_failure_sensor()(context)
+            assert DIAGNOSIS_TAG not in instance.get_run_by_id(result.run_id).tags
