@@ -50,6 +50,7 @@ from memsafe_dagster.datasets.inbox import (
     list_inbox,
 )
 from memsafe_dagster.datasets.merge import STRATEGIES, MergeOptions, MergeResult, merge_dataset
+from memsafe_dagster.datasets.merge.validate import normalize_key_columns
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError, MemoryPressureLevel
 from memsafe_dagster.memory.sizes import MiB
@@ -221,7 +222,7 @@ def build_merge_asset(
     one target at once once the instance gives pools a limit (``concurrency: pools:
     default_limit: 1`` in dagster.yaml); the dataset's lock is the second line of defence.
     """
-    keys = _key_columns(key_columns)
+    keys = normalize_key_columns(key_columns)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if on_duplicate_keys not in DUPLICATE_POLICIES:
@@ -800,7 +801,7 @@ def verify_unique_keys(
     of the key, so each bucket holds every occurrence of its keys and fits the budget; each
     bucket is then grouped exactly. ``on_chunk`` runs before each chunk (a pressure check).
     """
-    keys = list(_key_columns(key_columns))
+    keys = list(normalize_key_columns(key_columns))
     started = time.perf_counter()
     if filesystem is None:
         fs, root = resolve_filesystem(path, storage_options=storage_options)
@@ -1026,18 +1027,6 @@ def _bytes_hash(array: pa.Array) -> np.ndarray:
 
 
 # -- small helpers --------------------------------------------------------------------------------
-
-
-def _key_columns(key_columns: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(key_columns, str):
-        keys = tuple(k.strip() for k in key_columns.split(",") if k.strip())
-    else:
-        keys = tuple(key_columns)
-    if not keys or not all(isinstance(k, str) and k for k in keys):
-        raise ValueError(f"key_columns must be one or more column names, got {key_columns!r}")
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"key_columns has a repeated column: {list(keys)}")
-    return keys
 
 
 def _positive_int(label: str, value: object) -> None:
