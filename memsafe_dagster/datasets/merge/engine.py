@@ -18,85 +18,42 @@ Phases (each checks memory pressure at every chunk or row group):
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import fsspec
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from memsafe_dagster.datasets.commit import DatasetTransaction, crash_point
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, is_local, join
-from memsafe_dagster.datasets.merge.arrays import fixed_values, from_numpy, indices
 from memsafe_dagster.datasets.merge.guard import (
     MergeGuard,
     ProgressCallback,
     merge_memory_pool,
     timed,
 )
-from memsafe_dagster.datasets.merge.keys import KeyCodec, KeyIndex
+from memsafe_dagster.datasets.merge.ingest import IngestPhase
+from memsafe_dagster.datasets.merge.keys import KeyCodec
+from memsafe_dagster.datasets.merge.matching import MatchPhase
 from memsafe_dagster.datasets.merge.options import DEFAULT_ROW_GROUP_SIZE, MergeOptions
-from memsafe_dagster.datasets.merge.plan import TargetDataset, TargetFile, load_target
+from memsafe_dagster.datasets.merge.plan import TargetDataset, load_target
 from memsafe_dagster.datasets.merge.result import MergeResult
+from memsafe_dagster.datasets.merge.rewrite import WritePhase
 from memsafe_dagster.datasets.merge.sink import OutputSink, SettingsProvider
 from memsafe_dagster.datasets.merge.source import MergeSource, open_source
-from memsafe_dagster.datasets.merge.spill import IpcSpool, Reservoir, SpillDir
+from memsafe_dagster.datasets.merge.spill import SpillDir
+from memsafe_dagster.datasets.merge.state import BitSet
 from memsafe_dagster.datasets.merge.validate import (
     SourceConformer,
     check_key_type,
-    conform_target_table,
 )
 from memsafe_dagster.memory import MemoryMonitor
 
-# Bytes of memory per source key while the index is built (codes, positions, sort
-# permutation, sorted copies, bitmap, flags); hashed keys add their values twice.
-INDEX_BYTES_PER_KEY = 40
-_SMALL_FILE_FRACTION = 8
 
-
-class BitSet:
-    """A packed bit per source row (matched, dropped as a duplicate)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.bits = np.zeros((n + 7) // 8, dtype=np.uint8)
-
-    def set(self, positions: np.ndarray) -> None:
-        if len(positions):
-            positions = positions.astype(np.int64, copy=False)
-            bit = np.left_shift(np.uint8(1), (positions & 7).astype(np.uint8))
-            np.bitwise_or.at(self.bits, positions >> 3, bit)
-
-    def slice(self, start: int, stop: int) -> np.ndarray:
-        lo, hi = start >> 3, (stop + 7) >> 3
-        bits = np.unpackbits(self.bits[lo:hi], bitorder="little").astype(bool)
-        skip = start - (lo << 3)
-        return bits[skip : skip + (stop - start)]
-
-    def count(self) -> int:
-        if hasattr(np, "bitwise_count"):
-            return int(np.bitwise_count(self.bits).sum(dtype=np.int64))
-        return int(np.unpackbits(self.bits).sum(dtype=np.int64))
-
-
-@dataclass
-class _Ingested:
-    rows: int = 0
-    codes: list[np.ndarray] = field(default_factory=list)
-    keys: list[pa.Table] = field(default_factory=list)
-    key_spill: IpcSpool | None = None
-    row_spool: IpcSpool | None = None
-    reservoir: Reservoir = field(default_factory=Reservoir)
-    index_bytes: int = 0
-
-
-class MergeEngine:
+class MergeEngine(IngestPhase, MatchPhase, WritePhase):
     """One merge of ``data`` into the dataset at ``target`` on ``fs`` (see the module doc)."""
 
     def __init__(
@@ -130,8 +87,6 @@ class MergeEngine:
         self.streaming = streaming
         self.opts = options
         self.workers = options.worker_count()
-        # Encode and write in the sinks' own threads (a second core per file) when there is
-        # more than one core to use.
         self.cpus = options.cpu_count()
         self.guard = MergeGuard(
             monitor, workers=self.workers, chunk_rows=chunk_rows, progress_callback=progress
@@ -286,12 +241,6 @@ class MergeEngine:
                 self.pool.shutdown(wait=True)
             spill_dir.cleanup()
 
-    def _background(self, concurrent_tasks: int) -> bool:
-        """Whether outputs encode in their own threads (see ``MergeOptions``)."""
-        if self.opts.background_writes is not None:
-            return self.opts.background_writes
-        return self.cpus > 1 and concurrent_tasks < max(2, self.workers)
-
     def _raise_if_aborted(self) -> None:
         """Raise what stopped a background task (its work is incomplete: never commit it)."""
         if self._early_write is not None and self._early_write.done():
@@ -329,469 +278,6 @@ class MergeEngine:
             compression_level=self.opts.compression_level,
             use_dictionary=self.opts.use_dictionary,
         )
-
-    def _new_file(self, directory: str, prefix: str) -> str:
-        with self._name_lock:
-            n = self._names
-            self._names += 1
-            name = f"{prefix}-{self.txn.txn}-{n:05d}.parquet"
-            return self.txn.new_file(f"{directory}/{name}" if directory else name)
-
-    def _index_budget(self) -> int:
-        if self.opts.index_memory_mb is not None:
-            return int(self.opts.index_memory_mb * 2**20)
-        budget = 0.4 * self.max_memory_mb
-        if self.max_process_memory_mb:
-            budget = min(budget, 0.4 * self.max_process_memory_mb)
-        return int(budget * 2**20)
-
-    # -- phase 1: ingest --------------------------------------------------------------------
-
-    def _ingest(
-        self,
-        source: MergeSource,
-        conformer: SourceConformer,
-        direct_sink: OutputSink | None,
-        spill_dir: SpillDir,
-    ) -> _Ingested:
-        state = _Ingested()
-        keep_rows = direct_sink is None and self.strategy != "delete" and not source.rereadable
-        if keep_rows:
-            state.row_spool = IpcSpool(spill_dir.new_path("rows"), conformer.out_schema)
-        budget = self._index_budget()
-        hashed = not self.codec.exact
-        columns = None
-        if direct_sink is None and state.row_spool is None:
-            # Only the keys are needed now: the rows are read again when they are written
-            # (and validated then, still before anything is published).
-            columns = list(self.keys)
-            conformer = SourceConformer(
-                conformer.source, conformer.target, self.keys, keys_only=True
-            )
-        for chunk in source.chunks(lambda: self.guard.chunk_rows, columns=columns):
-            self.guard.check("ingest")
-            table = conformer.conform(chunk)
-            n = table.num_rows
-            if n == 0:
-                continue
-            arrays = self.codec.key_arrays(table)
-            codes, _valid = self.codec.codes(arrays)
-            state.reservoir.add(codes[:: max(1, n // 4096)])
-            if state.key_spill is None:
-                state.codes.append(codes)
-                if hashed:
-                    keys = table.select(list(self.keys))
-                    state.keys.append(keys)
-                    state.index_bytes += 2 * keys.nbytes
-                state.index_bytes += n * INDEX_BYTES_PER_KEY
-                if self.streaming and state.index_bytes > budget:
-                    state.key_spill = self._spill_keys(state, spill_dir)
-            else:
-                state.key_spill.write(self._key_table(codes, state.rows, table))
-            if direct_sink is not None:
-                direct_sink.write(table)
-            elif state.row_spool is not None:
-                state.row_spool.write(table)
-            state.rows += n
-            self.guard.advance(n)
-        if state.key_spill is not None:
-            state.key_spill.finish()
-        if state.row_spool is not None:
-            state.row_spool.finish()
-        return state
-
-    def _key_table(self, codes: np.ndarray, start: int, table: pa.Table | None) -> pa.Table:
-        columns = {
-            "__code": from_numpy(codes),
-            "__pos": indices(np.arange(start, start + len(codes), dtype=np.int64)),
-        }
-        if not self.codec.exact and table is not None:
-            for k in self.keys:
-                columns[k] = table.column(k)
-        return pa.table(columns)
-
-    def _spill_keys(self, state: _Ingested, spill_dir: SpillDir) -> IpcSpool:
-        """Move the in-memory key codes to a spill file; later chunks append to it."""
-        fields = [pa.field("__code", pa.uint64()), pa.field("__pos", pa.int64())]
-        if not self.codec.exact:
-            fields += [self.schema.field(k) for k in self.keys]
-        spill = IpcSpool(spill_dir.new_path("keys"), pa.schema(fields))
-        start = 0
-        for i, codes in enumerate(state.codes):
-            keys = state.keys[i] if state.keys else None
-            spill.write(self._key_table(codes, start, keys))
-            start += len(codes)
-        state.codes.clear()
-        state.keys.clear()
-        self.result.spilled = True
-        return spill
-
-    # -- phase 2: index + key scan ----------------------------------------------------------
-
-    def _match(
-        self,
-        state: _Ingested,
-        matched_src: BitSet,
-        dropped_src: BitSet,
-        on_index: Callable[[], None] | None = None,
-    ) -> None:
-        files = self.dataset.files
-        if state.key_spill is None:
-            self.guard.check("index")
-            codes = np.concatenate(state.codes) if state.codes else np.zeros(0, dtype=np.uint64)
-            state.codes.clear()
-            keys = None
-            if not self.codec.exact:
-                keys = (
-                    pa.concat_tables(state.keys).combine_chunks()
-                    if state.keys
-                    else self.schema.empty_table().select(list(self.keys))
-                )
-                state.keys.clear()
-            index, dropped = KeyIndex.build(
-                codes,
-                None,
-                keys,
-                exact=self.codec.exact,
-                on_duplicate=self.on_duplicate,
-                key_names=self.keys,
-                key_type=self.schema.field(self.keys[0]).type,
-            )
-            del codes, keys
-            self.guard.check("index")
-            dropped_src.set(dropped)
-            if on_index is not None:
-                on_index()
-            self._scan_pass(index, files, matched_src)
-            self.result.key_passes = 1
-        else:
-            self._match_spilled(state, matched_src, dropped_src)
-        for f in files:
-            f.finish_marking()
-            self.result.row_groups_pruned += f.num_row_groups - len(f.key_scanned)
-            if not f.key_scanned:
-                self.result.files_pruned += 1
-        self.result.duplicates_dropped = dropped_src.count()
-
-    def _match_spilled(self, state: _Ingested, matched_src: BitSet, dropped_src: BitSet) -> None:
-        assert state.key_spill is not None
-        budget = self._index_budget()
-        parts = max(2, math.ceil(state.index_bytes * 1.25 / max(budget, 1)))
-        cuts = state.reservoir.splitters(parts)
-        bounds = [0, *cuts, None]
-        ranges: list[tuple[int, int | None]] = [
-            (bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)
-        ]
-        passes = 0
-        while ranges:
-            lo, hi = ranges.pop(0)
-            self.guard.check("index")
-            loaded = self._load_range(state.key_spill, lo, hi, budget)
-            if loaded is None:
-                mid = self._split_range(state.key_spill, lo, hi)
-                ranges[:0] = [(lo, mid), (mid, hi)]
-                continue
-            codes, positions, keys = loaded
-            index, dropped = KeyIndex.build(
-                codes,
-                positions,
-                keys,
-                exact=self.codec.exact,
-                on_duplicate=self.on_duplicate,
-                key_names=self.keys,
-                key_type=self.schema.field(self.keys[0]).type,
-                lo=lo,
-                hi=hi,
-            )
-            del codes, positions, keys
-            dropped_src.set(dropped)
-            self.guard.add_total(self.dataset.rows if passes else 0)
-            self._scan_pass(index, self.dataset.files, matched_src)
-            del index
-            passes += 1
-        self.result.key_passes = passes
-
-    def _load_range(
-        self, spill: IpcSpool, lo: int, hi: int | None, budget: int
-    ) -> tuple[np.ndarray, np.ndarray, pa.Table | None] | None:
-        """The spilled keys with ``lo <= code < hi``, or None when they exceed the budget."""
-        codes: list[np.ndarray] = []
-        positions: list[np.ndarray] = []
-        keys: list[pa.Table] = []
-        used = 0
-        for batch in spill.read():
-            self.guard.check("index")
-            c = fixed_values(batch.column(0), np.uint64)
-            mask = c >= np.uint64(lo)
-            if hi is not None:
-                mask &= c < np.uint64(hi)
-            if not mask.any():
-                continue
-            codes.append(c[mask])
-            positions.append(fixed_values(batch.column(1), np.int64)[mask])
-            if not self.codec.exact:
-                sub = pa.Table.from_batches([batch]).drop_columns(["__code", "__pos"])
-                sub = sub.take(indices(np.flatnonzero(mask)))
-                keys.append(sub)
-                used += 2 * sub.nbytes
-            used += int(mask.sum()) * INDEX_BYTES_PER_KEY
-            if used > budget * 1.5 and (hi is None or hi - lo > 1):
-                return None
-        if not codes:
-            empty_keys = None
-            if not self.codec.exact:
-                empty_keys = pa.schema([self.schema.field(k) for k in self.keys]).empty_table()
-            return np.zeros(0, np.uint64), np.zeros(0, np.int64), empty_keys
-        key_table = pa.concat_tables(keys).combine_chunks() if keys else None
-        return np.concatenate(codes), np.concatenate(positions), key_table
-
-    def _split_range(self, spill: IpcSpool, lo: int, hi: int | None) -> int:
-        """A code between ``lo`` and ``hi`` that splits the spilled keys in that range."""
-        sample = Reservoir(size=16_384, seed=lo % 2**31)
-        for batch in spill.read():
-            c = fixed_values(batch.column(0), np.uint64)
-            mask = c >= np.uint64(lo)
-            if hi is not None:
-                mask &= c < np.uint64(hi)
-            sample.add(c[mask])
-        cuts = sample.splitters(2)
-        top = hi if hi is not None else 2**64
-        if cuts and lo < cuts[0] < top:
-            return cuts[0]
-        return lo + (top - lo) // 2
-
-    def _scan_pass(self, index: KeyIndex, files: list[TargetFile], matched_src: BitSet) -> None:
-        """Mark the target rows matching ``index`` in every file (several files at once)."""
-        candidates = []
-        for f in files:
-            if f.num_row_groups and len(index) and index.may_contain_range(f.file_bounds()):
-                candidates.append(f)
-            else:
-                self.guard.advance(f.rows)
-        self._run_tasks([(f.rows, lambda f=f: self._scan_file(index, f)) for f in candidates])
-        matched_src.set(index.positions[index.matched])
-
-    def _scan_file(self, index: KeyIndex, f: TargetFile) -> None:
-        with self.guard.slot(), self.afs.open_input_file(f.path) as fh:
-            pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
-            for rg in range(f.num_row_groups):
-                rows = int(f.rg_starts[rg + 1] - f.rg_starts[rg])
-                if self.abort.is_set():
-                    return
-                self.guard.check("scan")
-                if not index.may_contain_range(f.bounds[rg]):
-                    self.guard.advance(rows)
-                    continue
-                f.key_scanned.add(rg)
-                table = pf.read_row_group(rg, columns=list(self.keys), use_threads=False)
-                table = conform_target_table(
-                    table, pa.schema([self.schema.field(k) for k in self.keys]), f.path
-                )
-                arrays = self.codec.key_arrays(table)
-                codes, valid = self.codec.codes(arrays)
-                hit_rows, entries = index.lookup(codes, valid, arrays)
-                if len(hit_rows):
-                    f.mark(hit_rows + int(f.rg_starts[rg]))
-                    index.matched[entries] = True
-                self.guard.advance(rows)
-
-    # -- phase 3: rewrite + write ------------------------------------------------------------
-
-    def _write_phase(
-        self,
-        source: MergeSource,
-        conformer: SourceConformer,
-        state: _Ingested,
-        matched_src: BitSet,
-        dropped_src: BitSet,
-        new_rows: OutputSink,
-        direct: bool,
-        sinks: list[OutputSink],
-    ) -> None:
-        files = self.dataset.files
-        strategy = self.strategy
-        n_src = state.rows
-        n_matched_src = matched_src.count()
-        n_dropped = dropped_src.count()
-        matched_target = sum(f.matched for f in files)
-        if strategy in ("upsert", "full_merge"):
-            source_rows_out = n_src - n_dropped
-        elif strategy == "insert":
-            source_rows_out = n_src - n_matched_src - n_dropped
-        elif strategy == "update":
-            source_rows_out = n_matched_src
-        else:
-            source_rows_out = 0
-        if strategy in ("upsert", "full_merge", "insert"):
-            self.result.inserted = n_src - n_matched_src - n_dropped
-        if strategy in ("upsert", "update", "full_merge"):
-            self.result.updated = matched_target
-        if strategy == "delete":
-            self.result.deleted = matched_target
-        elif strategy == "full_merge":
-            self.result.deleted = self.dataset.rows - matched_target
-
-        if strategy == "full_merge":
-            replaced = list(files)
-        elif strategy == "insert":
-            replaced = []
-        else:
-            replaced = [f for f in files if f.matched]
-        replaced_paths = {f.path for f in replaced}
-        compact: list[TargetFile] = []
-        if self.opts.compact_small_files and source_rows_out:
-            room = self.opts.target_file_rows - source_rows_out % self.opts.target_file_rows
-            for f in sorted(files, key=lambda f: (f.rows, f.path)):
-                if f.path in replaced_paths or not f.is_ins_file:
-                    continue
-                if f.rows >= self.opts.target_file_rows or f.rows > room:
-                    continue
-                compact.append(f)
-                room -= f.rows
-        self.replaced = replaced
-        self.compacted = compact
-        self.result.files_rewritten = len(replaced)
-        self.result.files_compacted = len(compact)
-
-        rewrite_rows = sum(f.rows for f in replaced if strategy != "full_merge")
-        rewrite_rows += sum(f.rows for f in compact)
-        write_rows = 0 if direct else max(0, source_rows_out - self._source_written)
-        self.guard.set_total(self.guard.done + rewrite_rows + write_rows)
-
-        small = max(1, self.opts.target_file_rows // _SMALL_FILE_FRACTION)
-        tasks: list[tuple[int, Callable[[], None]]] = []
-        # A source read again is validated as it is written: every row, even those the
-        # strategy leaves out (and even when it leaves out all of them).
-        validate_later = state.row_spool is None and source.rereadable and strategy != "delete"
-        if self._early_write is None and not direct and (source_rows_out or validate_later):
-            tasks.append(
-                (
-                    source_rows_out,
-                    lambda: self._write_source(
-                        source, conformer, state, matched_src, dropped_src, new_rows
-                    ),
-                )
-            )
-        if strategy != "full_merge":
-            for f in replaced:
-                survivors = f.rows - f.matched
-                if survivors == 0:
-                    self.guard.advance(f.rows)
-                    continue
-                if survivors < small or f.is_ins_file:
-                    sink = new_rows
-                else:
-                    sink = OutputSink(
-                        self.afs,
-                        self.settings,
-                        self._new_file,
-                        directory=f.rel.rsplit("/", 1)[0] if "/" in f.rel else "",
-                        prefix="part",
-                        max_rows=max(self.opts.target_file_rows, f.rows),
-                    )
-                    sinks.append(sink)
-                tasks.append(
-                    (
-                        f.rows,
-                        lambda f=f, sink=sink: self._rewrite(f, sink, own=sink is not new_rows),
-                    )
-                )
-        for f in compact:
-            tasks.append((f.rows, lambda f=f: self._rewrite(f, new_rows, own=False)))
-        # Fewer tasks than workers (one touched file, say): let each output encode in its own
-        # thread, so a single file still uses two cores.
-        background = self._background(len(tasks) + (self._early_write is not None))
-        for sink in sinks:
-            sink.background = sink.background or background
-        with timed(self.phases, "rewrite"):
-            self._run_tasks(tasks)
-            if self._early_write is not None:
-                self._early_write.result()
-
-    def _rewrite(self, f: TargetFile, sink: OutputSink, *, own: bool) -> None:
-        """Copy ``f``'s unmatched rows into ``sink``, a chunk at a time."""
-        with self.guard.slot(), self.afs.open_input_file(f.path) as fh:
-            pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
-            offset = 0
-            batches = pf.iter_batches(
-                batch_size=self.guard.chunk_rows, use_threads=self.workers == 1
-            )
-            for batch in batches:
-                if self.abort.is_set():
-                    return
-                self.guard.check("rewrite")
-                n = batch.num_rows
-                table = pa.Table.from_batches([batch])
-                mask = f.matched_mask(offset, offset + n)
-                offset += n
-                if mask.any():
-                    # take() by index is several times cheaper than filter() by mask here.
-                    table = table.take(indices(np.flatnonzero(~mask)))
-                sink.write(conform_target_table(table, self.schema, f.path))
-                self.guard.advance(n)
-            if own:
-                sink.close()
-        crash_point("merge-rewrote-file")
-
-    def _write_source(
-        self,
-        source: MergeSource,
-        conformer: SourceConformer,
-        state: _Ingested,
-        matched_src: BitSet,
-        dropped_src: BitSet,
-        sink: OutputSink,
-    ) -> None:
-        with self.guard.slot():
-            if state.row_spool is not None:
-                chunks = (pa.Table.from_batches([b]) for b in state.row_spool.read())
-                conform = False
-            else:
-                chunks = source.chunks(lambda: self.guard.chunk_rows)
-                conform = True
-            pos = 0
-            for chunk in chunks:
-                if self.abort.is_set():
-                    return
-                self.guard.check("write")
-                n = chunk.num_rows
-                if n == 0:
-                    continue
-                keep = ~dropped_src.slice(pos, pos + n)
-                if self.strategy == "insert":
-                    keep &= ~matched_src.slice(pos, pos + n)
-                elif self.strategy == "update":
-                    keep &= matched_src.slice(pos, pos + n)
-                pos += n
-                table = conformer.conform(chunk) if conform else chunk
-                if not keep.any():
-                    continue
-                if not keep.all():
-                    table = table.take(indices(np.flatnonzero(keep)))
-                sink.write(table)
-                kept = int(keep.sum())
-                self._source_written += kept
-                self.guard.advance(kept)
-
-    def _run_tasks(self, tasks: list[tuple[int, Callable[[], None]]]) -> None:
-        """Run weighted ``tasks`` on ``workers`` threads, heaviest first (so both cores stay
-        busy to the end); the first failure cancels the rest and is raised."""
-        if not tasks:
-            return
-        ordered = [task for _, task in sorted(tasks, key=lambda t: -t[0])]
-        if self.pool is None or len(ordered) == 1:
-            for task in ordered:
-                task()
-            return
-        futures: list[Future[None]] = [self.pool.submit(task) for task in ordered]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            self.abort.set()
-            for f in pending:
-                f.cancel()
-            wait(pending)
-            raise failed[0].exception()  # type: ignore[misc]
 
     # -- phase 4: commit ----------------------------------------------------------------------
 
