@@ -90,3 +90,20 @@ def test_options_pass_through_and_are_checked(tmp_path: Path) -> None:
         assert md.row_group(0).column(0).compression == "ZSTD"
     with pytest.raises(ValueError, match="unknown merge option"):
         io.merge(SOURCE, str(target), "upsert", ["id"], row_groups=3)
+
+
+def test_merge_dataset_resolves_a_url_when_no_filesystem_is_given() -> None:
+    from memsafe_dagster.datasets.merge import merge_dataset
+
+    fs = fsspec.filesystem("memory")
+    try:
+        first = merge_dataset(TARGET, "memory://no-fs/t", key_columns="id")
+        second = merge_dataset(SOURCE, "memory://no-fs/t", key_columns="id")
+        assert first.inserted == 20 and second.updated == 2 and second.inserted == 2
+        # The touched file of new rows was folded into this merge's new-rows file.
+        files = fs.find("/no-fs/t")
+        assert len(files) == 1 and files[0].rsplit("/", 1)[-1].startswith("ins-")
+        with fs.open(files[0], "rb") as fh:
+            assert pq.read_metadata(fh).num_rows == 22
+    finally:
+        fs.rm("/no-fs", recursive=True)
