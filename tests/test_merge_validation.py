@@ -288,3 +288,24 @@ def test_the_source_columns_may_come_in_any_order(tmp_path: Path) -> None:
     _merge(source, target)
     by_id = {r["id"]: r for r in read_dataset(target).to_pylist()}
     assert by_id[5] == {"id": 5, "name": "x", "score": None, "required": 7}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("upsert", {None: 2, 1: "s1", 2: "t2", 3: "s3"}),
+        ("delete", {None: 2, 2: "t2"}),
+        ("full_merge", {1: "s1", 3: "s3"}),
+    ],
+)
+def test_null_keys_in_the_target_never_match(tmp_path: Path, strategy: str, expected: dict) -> None:
+    target = tmp_path / "t"
+    write_files(target, [pa.table({"id": [None, 1, 2, None], "v": ["n1", "t1", "t2", "n2"]})])
+    source = pa.table({"id": [1, 3], "v": ["s1", "s3"]})
+    _merge(source, target, strategy=strategy)
+    rows = read_dataset(target).to_pylist()
+    nulls = sum(1 for r in rows if r["id"] is None)
+    got = {r["id"]: r["v"] for r in rows if r["id"] is not None}
+    if nulls:
+        got[None] = nulls
+    assert got == expected
