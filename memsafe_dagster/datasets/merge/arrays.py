@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _ARROW_TYPES = {
     np.dtype(np.int64): pa.int64(),
@@ -34,6 +35,11 @@ def from_numpy(values: np.ndarray) -> pa.Array:
 def indices(values: np.ndarray) -> pa.Array:
     """Row indices for ``take`` (int64)."""
     return from_numpy(values.astype(np.int64, copy=False))
+
+
+def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table``'s rows at ``rows`` (in range by construction, so not bounds-checked again)."""
+    return pc.take(table, indices(rows), boundscheck=False)
 
 
 def fixed_values(array: pa.Array, dtype: np.dtype | type) -> np.ndarray:

@@ -417,8 +417,10 @@ class KeyIndex:
         """Rows whose code may be in the index (the bitmap says no for most non-members), and
         their mixed codes."""
         h = self._bitmap_slot(codes)
-        mask = (self.bitmap[h >> np.uint64(3)] >> (h & np.uint64(7)).astype(np.uint8)) & 1
-        del h
+        # int64 indices and uint8 shifts: no conversion pass inside the fancy indexing.
+        byte = (h >> np.uint64(3)).view(np.int64)
+        mask = (self.bitmap[byte] >> (h.astype(np.uint8) & np.uint8(7))) & 1
+        del h, byte
         mask = mask.view(bool)
         if valid is not None:
             mask &= valid
@@ -442,7 +444,7 @@ class KeyIndex:
         rows, m = self.candidates(codes, valid)
         if len(rows) == 0:
             return empty, empty
-        bucket = (m >> self._dir_shift).astype(np.int64)
+        bucket = (m >> self._dir_shift).view(np.int64)
         at = self.directory[bucket].astype(np.int64)
         stop = self.directory[bucket + 1].astype(np.int64)
         del bucket

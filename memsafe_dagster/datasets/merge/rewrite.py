@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memsafe_dagster.datasets.commit import crash_point
-from memsafe_dagster.datasets.merge.arrays import indices
+from memsafe_dagster.datasets.merge.arrays import take_rows
 from memsafe_dagster.datasets.merge.guard import timed
 from memsafe_dagster.datasets.merge.plan import TargetFile
 from memsafe_dagster.datasets.merge.sink import OutputSink
@@ -156,7 +156,7 @@ class WritePhase(EngineState):
                 offset += n
                 if mask.any():
                     # take() by index is several times cheaper than filter() by mask here.
-                    table = table.take(indices(np.flatnonzero(~mask)))
+                    table = take_rows(table, np.flatnonzero(~mask))
                 sink.write(conform_target_table(table, self.schema, f.path))
                 self.guard.advance(n)
             if own:
@@ -197,7 +197,7 @@ class WritePhase(EngineState):
                 if not keep.any():
                     continue
                 if not keep.all():
-                    table = table.take(indices(np.flatnonzero(keep)))
+                    table = take_rows(table, np.flatnonzero(keep))
                 sink.write(table)
                 kept = int(keep.sum())
                 self._source_written += kept
