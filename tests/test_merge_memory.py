@@ -210,32 +210,35 @@ def test_spilled_duplicates_are_refused_with_the_key(tmp_path: Path) -> None:
     assert snapshot(target) == before
 
 
-def test_warning_pressure_shrinks_chunks_and_work_goes_on(tmp_path: Path) -> None:
+def test_warning_pressure_runs_one_file_at_a_time_and_critical_shrinks_chunks(
+    tmp_path: Path,
+) -> None:
     target = _target(tmp_path, rows=30_000, files=6)
-    monitor = FixedMonitor(WARNING)
-    sizes: list[int] = []
-    original = engine.MergeGuard.check
+    for level, shrinks in ((WARNING, False), (MemoryPressureLevel.CRITICAL, True)):
+        monitor = FixedMonitor(level)
+        sizes: list[int] = []
+        original = engine.MergeGuard.check
 
-    def check(self, name):
-        level = original(self, name)
-        sizes.append(self.chunk_rows)
-        assert self.allowed_workers == 1
-        return level
+        def check(self, name, original=original, sizes=sizes):
+            result = original(self, name)
+            sizes.append(self.chunk_rows)
+            assert self.allowed_workers == 1
+            return result
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine.MergeGuard, "check", check)
-        result = merge_dataset(
-            _source(4_000),
-            str(target),
-            fs=FS,
-            key_columns=["id"],
-            memory_monitor=monitor,
-            merge_chunk_size_rows=50_000,
-        )
-    assert result.max_pressure is WARNING
-    assert min(sizes) < 50_000
-    assert min(sizes) >= 8_192, "chunks do not shrink below the useful floor"
-    assert result.target_count_after == 30_000 + result.inserted
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(engine.MergeGuard, "check", check)
+            result = merge_dataset(
+                _source(4_000),
+                str(target),
+                fs=FS,
+                key_columns=["id"],
+                memory_monitor=monitor,
+                merge_chunk_size_rows=50_000,
+            )
+        assert result.max_pressure is level
+        assert (min(sizes) < 50_000) is shrinks
+        assert min(sizes) >= 8_192, "chunks do not shrink below the useful floor"
+        assert result.target_count_after == result.target_count_before + result.inserted
 
 
 def test_progress_is_reported_in_every_phase(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """The merge's memory guard and progress: one object every phase reports to.
 
-``check(phase)`` reads the pressure level (a few tens of microseconds): WARNING halves the
-number of files processed at once and shrinks chunks, CRITICAL also collects garbage and
-returns PyArrow's cached memory to the OS, EMERGENCY does both, rechecks, and raises
-``MemoryPressureError`` naming the phase. A background sampler keeps the peaks between checks.
+``check(phase)`` reads the pressure level (a few tens of microseconds). WARNING processes one
+file at a time (the files in flight hold most of the merge's memory); CRITICAL also halves
+the chunks, collects garbage and returns PyArrow's cached memory to the OS; EMERGENCY does
+both, rechecks, and raises ``MemoryPressureError`` naming the phase. Chunks do not shrink at
+WARNING: in a merge the row group being written, not the chunk, dominates, and small chunks
+only cost time. A background sampler keeps the peaks between checks.
 """
 
 from __future__ import annotations
@@ -157,7 +159,6 @@ class MergeGuard:
             self._chunk_rows = max(self.min_chunk_rows, size // 2)
         elif level is WARNING:
             self._calm = 0
-            self._chunk_rows = max(self.min_chunk_rows, int(size * 0.8))
         else:
             self._calm += 1
             if self._calm >= 3 and size < self.requested_rows:

@@ -102,7 +102,8 @@ class EngineState:
         """Whether outputs encode in their own threads (see ``MergeOptions``)."""
         if self.opts.background_writes is not None:
             return self.opts.background_writes
-        return self.cpus > 1 and concurrent_tasks < max(2, self.workers)
+        # With one file at a time (or fewer files than workers) the spare core encodes.
+        return self.cpus > 1 and (self.workers == 1 or concurrent_tasks < self.workers)
 
     def _new_file(self, directory: str, prefix: str) -> str:
         with self._name_lock:
