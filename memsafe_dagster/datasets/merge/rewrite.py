@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from memsafe_dagster.datasets.commit import crash_point
 from memsafe_dagster.datasets.merge.arrays import take_rows
 from memsafe_dagster.datasets.merge.guard import timed
-from memsafe_dagster.datasets.merge.plan import TargetFile
+from memsafe_dagster.datasets.merge.plan import TargetFile, aligned_batch_rows
 from memsafe_dagster.datasets.merge.sink import OutputSink
 from memsafe_dagster.datasets.merge.source import MergeSource
 from memsafe_dagster.datasets.merge.state import BitSet, EngineState, Ingested
@@ -144,7 +144,8 @@ class WritePhase(EngineState):
             pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
             offset = 0
             batches = pf.iter_batches(
-                batch_size=self.guard.chunk_rows, use_threads=self.workers == 1
+                batch_size=aligned_batch_rows(f.metadata, self.guard.chunk_rows),
+                use_threads=self.workers == 1,
             )
             for batch in batches:
                 if self.abort.is_set():

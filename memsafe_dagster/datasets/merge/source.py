@@ -20,6 +20,7 @@ from memsafe_dagster.datasets.filesystem import (
     list_data_files,
     resolve_filesystem,
 )
+from memsafe_dagster.datasets.merge.plan import aligned_batch_rows
 from memsafe_dagster.datasets.stream import ChunkStream
 
 
@@ -79,7 +80,8 @@ class MergeSource:
                 cols = None
                 if columns is not None:
                     cols = [c for c in columns if c in pf.schema_arrow.names]
-                for batch in pf.iter_batches(batch_size=rows(), columns=cols, use_threads=True):
+                size = aligned_batch_rows(pf.metadata, rows())
+                for batch in pf.iter_batches(batch_size=size, columns=cols, use_threads=True):
                     yield pa.Table.from_batches([batch])
 
     def close(self) -> None:
