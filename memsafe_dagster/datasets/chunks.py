@@ -25,18 +25,22 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from memsafe_dagster.datasets.adaptive import attach_monitor
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, resolve_filesystem
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.memory import MemoryMonitor
+
+if TYPE_CHECKING:
+    # Imported where used: pyarrow.dataset loads pandas when it is installed (~50 MB, 0.3 s),
+    # which a merge or a write through this package does not need.
+    import pyarrow.dataset as ds
 
 BATCH_READAHEAD = 2
 FRAGMENT_READAHEAD = 2
@@ -49,17 +53,16 @@ DEFAULT_CHECK_INTERVAL_S = 0.005
 DEFAULT_RESERVE_FRACTION = 0.1
 
 ProgressCallback = Callable[[int, "int | None"], Any]
-Source = (
-    str
-    | os.PathLike[str]
-    | Sequence[str | os.PathLike[str]]
-    | ds.Dataset
-    | pa.Table
-    | pa.RecordBatch
-    | pa.RecordBatchReader
-    | ChunkStream
-    | Iterable[pa.RecordBatch | pa.Table]
+Source: TypeAlias = (
+    "str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | ds.Dataset | pa.Table"
+    " | pa.RecordBatch | pa.RecordBatchReader | ChunkStream | Iterable[pa.RecordBatch | pa.Table]"
 )
+
+
+def is_dataset(obj: object) -> bool:
+    """True for a ``pyarrow.dataset.Dataset``, without importing pyarrow.dataset."""
+    module = sys.modules.get("pyarrow._dataset")
+    return module is not None and isinstance(obj, module.Dataset)
 
 
 def process_in_chunks(
@@ -156,7 +159,9 @@ def open_dataset(
     partitioning: Any = None,
 ) -> ds.Dataset:
     """A ``pyarrow.dataset.Dataset`` for a path, URL or list of them (hidden paths skipped)."""
-    if isinstance(source, ds.Dataset):
+    import pyarrow.dataset as ds
+
+    if is_dataset(source):
         return source
     if isinstance(source, (str, os.PathLike)):
         fs, path = resolve_filesystem(source, filesystem, storage_options)
@@ -212,6 +217,8 @@ def _open(
         if filter is None:
             total: int | None = source.num_rows
         elif want_total:
+            import pyarrow.dataset as ds
+
             total = ds.dataset(source).count_rows(filter=filter)
         else:
             total = None
@@ -228,7 +235,7 @@ def _open(
             schema,
             chunk_size_rows=chunk_size_rows,
         )
-    if isinstance(source, (str, os.PathLike, ds.Dataset)) or _is_path_list(source):
+    if isinstance(source, (str, os.PathLike)) or is_dataset(source) or _is_path_list(source):
         dataset = open_dataset(
             source,
             filesystem=filesystem,
@@ -296,6 +303,8 @@ def _scan(scanner: ds.Scanner) -> Iterator[pa.RecordBatch]:
 def fragment_scan_options(dataset: ds.Dataset) -> ds.FragmentScanOptions | None:
     """Local Parquet: no pre-buffering (it only pays off on high-latency stores, and it holds
     whole row groups of column chunks; measured on local disk: less memory, same speed)."""
+    import pyarrow.dataset as ds
+
     fmt = getattr(dataset, "format", None)
     if isinstance(fmt, ds.ParquetFileFormat) and isinstance(
         getattr(dataset, "filesystem", None), pafs.LocalFileSystem
@@ -313,6 +322,8 @@ def _total_rows(
 ) -> int | None:
     if not want_total:
         return None  # footers would be read twice (a GET per file on object stores)
+    import pyarrow.dataset as ds
+
     metadata_only = isinstance(dataset, ds.InMemoryDataset) or isinstance(
         getattr(dataset, "format", None), ds.ParquetFileFormat
     )

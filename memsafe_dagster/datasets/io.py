@@ -9,13 +9,12 @@ dataset's lock); reads roll a half-applied commit forward before they look at th
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from memsafe_dagster.datasets import commit
@@ -32,17 +31,16 @@ from memsafe_dagster.datasets.writer import WRITE_MODES, ChunkedParquetWriter, W
 from memsafe_dagster.memory import MemoryMonitor
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import pyarrow.dataset as ds  # imported where used: it loads pandas when installed
+
     from memsafe_dagster.datasets.merge import MergeResult
 
 PathLike = str | os.PathLike[str]
-WriteSource = (
-    pa.Table
-    | pa.RecordBatch
-    | pa.RecordBatchReader
-    | ds.Dataset
-    | ChunkStream
-    | PathLike
-    | Iterable[pa.RecordBatch | pa.Table]
+WriteSource: TypeAlias = (
+    "pa.Table | pa.RecordBatch | pa.RecordBatchReader | ds.Dataset | ChunkStream | PathLike"
+    " | Iterable[pa.RecordBatch | pa.Table]"
 )
 
 
