@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,26 @@ def test_a_cap_too_small_stops_cleanly_instead_of_being_oom_killed(upsert_10m) -
     assert "MemoryPressureError: memory pressure EMERGENCY during merge phase" in run.stderr
     assert "the target is unchanged" in run.stderr
     assert snapshot(target) == before
+
+
+def test_default_parameters_work_in_a_512mb_container(tmp_path: Path) -> None:
+    """The default free-memory floor (512 MB) cannot hold under a 512 MB limit: it is scaled
+    to the container, with a warning, instead of stopping the merge at once."""
+    code = (
+        "import logging, pyarrow as pa\n"
+        "from memsafe_dagster.datasets import PyarrowDatasetIO\n"
+        "logging.basicConfig()\n"
+        "io = PyarrowDatasetIO()\n"
+        "io.write_dataset(pa.table({'id': list(range(200_000)), 'v': [0] * 200_000}), 't')\n"
+        "r = io.merge(pa.table({'id': list(range(100_000, 300_000)), 'v': [1] * 200_000}),"
+        " 't', 'upsert', key_columns=['id'])\n"
+        "print(r.inserted, r.updated, r.target_count_after)\n"
+    )
+    run = run_capped(
+        [sys.executable, "-c", code], "512m", timeout_s=120, env=child_env(), cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["100000", "100000", "300000"]
+    assert "merge_min_system_available_mb=512 cannot be kept free under a 512 MB limit" in (
+        run.stderr
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,13 @@ from memsafe_dagster.datasets.merge.validate import (
     check_strategy,
     normalize_key_columns,
 )
-from memsafe_dagster.memory import MemoryMonitor
+from memsafe_dagster.memory import MemoryMonitor, detect_memory_limits
+
+log = logging.getLogger(__name__)
+
+# A floor above this share of the limit can never hold (the default 512 MB in a 512 MB pod).
+MAX_FLOOR_SHARE = 0.25
+SCALED_FLOOR_SHARE = 0.1
 
 
 def merge_dataset(
@@ -89,10 +96,8 @@ def merge_dataset(
         fs, target = resolve_filesystem(path)
     else:
         target = os.fspath(path)
-    monitor = memory_monitor or MemoryMonitor(
-        max_pyarrow_mb=merge_max_memory_mb,
-        max_process_memory_mb=merge_max_process_memory_mb,
-        min_system_available_mb=merge_min_system_available_mb,
+    monitor = memory_monitor or merge_monitor(
+        merge_max_memory_mb, merge_max_process_memory_mb, merge_min_system_available_mb
     )
     engine = MergeEngine(
         data,
@@ -110,3 +115,29 @@ def merge_dataset(
         options=opts,
     )
     return engine.run()
+
+
+def merge_monitor(
+    max_memory_mb: float, max_process_memory_mb: float | None, min_available_mb: float
+) -> MemoryMonitor:
+    """The merge's monitor. A free-memory floor above a quarter of the container's limit can
+    never hold and would stop every merge at once; it is scaled to 10 % of the limit, with a
+    warning that says so."""
+    limits = detect_memory_limits()
+    if min_available_mb > MAX_FLOOR_SHARE * limits.limit_mb:
+        scaled = round(SCALED_FLOOR_SHARE * limits.limit_mb)
+        log.warning(
+            "merge_min_system_available_mb=%s cannot be kept free under a %.0f MB limit (%s); "
+            "keeping %s MB free instead",
+            min_available_mb,
+            limits.limit_mb,
+            limits.source,
+            scaled,
+        )
+        min_available_mb = scaled
+    return MemoryMonitor(
+        max_pyarrow_mb=max_memory_mb,
+        max_process_memory_mb=max_process_memory_mb,
+        min_system_available_mb=min_available_mb,
+        limits=limits,
+    )
