@@ -5,15 +5,15 @@
 
 Every run is its own child process (``run_measured``, or ``run_capped`` under a real cgroup
 memory cap): wall time is the contender's own timing of the merge (median over the runs), peak
-RSS comes from the OS (``wait4`` rusage), and every output is verified. A run that crashes is
+RSS comes from the OS (the kernel's high-water mark, VmHWM, of the child and its descendants),
+and every output is verified. A run that crashes is
 reported as "error" with its last stderr line, one the kernel kills as "OOM-killed", one that
 exceeds its time bound as "timed out"; after a failed run a contender is not repeated in that
 scenario. Results go to ``benchmarks/results/<suite>.json`` and ``.md``.
 
-The runner itself stays small: data generation and verification run in a helper process.
-That matters because an ``exec`` records the spawning process's RSS high-water mark in the
-child's ``ru_maxrss``, so every ``wait4`` peak is at least the runner's own peak (recorded in
-the results as ``runner_peak_rss_mb``).
+The runner itself stays small: data generation and verification run in a helper process, so
+the machine's memory is the contenders' (the runner's own peak is recorded as
+``runner_peak_rss_mb``).
 """
 
 from __future__ import annotations
@@ -420,8 +420,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Wall time is each contender's own timing of the upsert (reading the source, merging, "
         "writing; not the untimed copy of the target or the Delta conversion), median of the "
         "completed runs. Process wall adds interpreter start, imports and that copy. Peak RSS is "
-        "the largest of the runs, from the OS (`wait4` rusage; it cannot read below the runner's "
-        f"own peak, {report['runner_peak_rss_mb']:.0f} MB here). Capped runs execute inside a "
+        "the largest of the runs, from the OS: the kernel's high-water mark (VmHWM) of the "
+        "contender's process and its children, read every 5 ms (a high-water mark keeps a peak "
+        "from the moment it happens). Capped runs execute inside a "
         "real cgroup memory limit; RSS also counts shared-library pages charged elsewhere, so "
         "an OOM-killed run can show more than the cap. The cgroup's own peak (page cache "
         "included) is in the JSON.",

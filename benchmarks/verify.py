@@ -5,7 +5,7 @@ and the sampled rows match: updated and new keys carry the source's row, untouch
 target's. The floor contender copies the target, so its output must equal the target instead.
 
 The runner calls :func:`verify` in a helper process, so reading outputs never raises the
-runner's own peak RSS (which would leak into the children's ``wait4`` peaks).
+runner's own memory while contenders run.
 """
 
 from __future__ import annotations
