@@ -10,7 +10,7 @@ target's key columns, spilled to disk by hash bucket when they exceed their budg
 ``memory_headroom``. EMERGENCY pressure fails the step with the memsafe ``dagster.Failure``
 and leaves the target as it was; under a ``RetryPolicy`` every retry halves the chunk size.
 
-No ``from __future__ import annotations`` here: Dagster reads the annotations at runtime.
+Annotations here stay real objects (no postponed evaluation): Dagster reads them at runtime.
 """
 
 import contextlib

@@ -8,7 +8,7 @@ inbox of CRM exports merged into a customers table. ``workspace.yaml`` loads thi
 Plus the daily schedule of the orders job, the inbox sensor (memory-gated) and the memsafe
 run-failure sensor. Sizes and places: ``memsafe_dagster.demo.settings``.
 
-No ``from __future__ import annotations`` here: Dagster reads these annotations at runtime.
+Annotations here stay real objects (no postponed evaluation): Dagster reads them at runtime.
 """
 
 import dagster as dg
