@@ -4,7 +4,10 @@
 ``BENCH_RESULT`` JSON line. Variants:
 
 - ``scan-raw`` / ``scan-memsafe``: count the rows of a dataset through a raw PyArrow scanner,
-  or through ``process_in_chunks``, with the same chunk size.
+  or through ``process_in_chunks``, with the same chunk size (each in its own process: its
+  peak RSS).
+- ``scan-paired``: both scans alternated in one process, so throughput is compared under the
+  same conditions (a separate process per variant lets machine noise decide the ratio).
 - ``write-raw`` / ``write-memsafe``: write the same in-memory batches to one Parquet file with
   ``pq.ParquetWriter``, or with memsafe's ``ChunkedParquetWriter`` (what the IO manager uses).
 - ``pressure``: microseconds per ``MemoryMonitor().check_memory_pressure()`` call.
@@ -58,6 +61,29 @@ def scan_memsafe(data: Path, chunk_rows: int) -> int:
     from memsafe_dagster.datasets import process_in_chunks
 
     return sum(chunk.num_rows for chunk in process_in_chunks(str(data), chunk_size_rows=chunk_rows))
+
+
+def scan_paired(data: Path, chunk_rows: int, repeat: int) -> dict[str, Any]:
+    """Raw and memsafe scans alternated (order flipped each round); medians and the median of
+    the per-round ratios of memsafe's rows/s to raw's."""
+    seconds: dict[str, list[float]] = {"raw": [], "memsafe": []}
+    scans = {"raw": scan_raw, "memsafe": scan_memsafe}
+    rows = 0
+    for round_ in range(repeat):
+        order = ("raw", "memsafe") if round_ % 2 else ("memsafe", "raw")
+        for name in order:
+            started = time.perf_counter()
+            rows = scans[name](data, chunk_rows)
+            seconds[name].append(time.perf_counter() - started)
+    ratios = [r / m for r, m in zip(seconds["raw"], seconds["memsafe"], strict=True)]
+    return {
+        "rows": rows,
+        "rounds": repeat,
+        "raw_median_s": statistics.median(seconds["raw"]),
+        "memsafe_median_s": statistics.median(seconds["memsafe"]),
+        "paired_ratio": statistics.median(ratios),
+        "seconds": seconds,
+    }
 
 
 # -- writes -------------------------------------------------------------------------------------
@@ -146,7 +172,15 @@ def sampler_cost(seconds: float, interval_s: float) -> dict[str, Any]:
 
 # -- command line -------------------------------------------------------------------------------
 
-VARIANTS = ("scan-raw", "scan-memsafe", "write-raw", "write-memsafe", "pressure", "sampler")
+VARIANTS = (
+    "scan-raw",
+    "scan-memsafe",
+    "scan-paired",
+    "write-raw",
+    "write-memsafe",
+    "pressure",
+    "sampler",
+)
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +189,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         return _timed_runs(lambda: scan_raw(args.data, args.chunk_rows), args.repeat)
     if args.variant == "scan-memsafe":
         return _timed_runs(lambda: scan_memsafe(args.data, args.chunk_rows), args.repeat)
+    if args.variant == "scan-paired":
+        return scan_paired(args.data, args.chunk_rows, args.repeat)
     if args.variant in ("write-raw", "write-memsafe"):
         return _write_variant(args.data, args.repeat, memsafe=args.variant == "write-memsafe")
     if args.variant == "pressure":

@@ -7,17 +7,7 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
-
-from memsafe_dagster.memory import MemoryLimits
-
-MiB = 1024 * 1024
-
-
-def fixed_limits(limit_mb: float = 4096, source: str = "physical") -> MemoryLimits:
-    """Limits of a machine with no cgroup: available memory is the host's."""
-    return MemoryLimits(
-        limit_bytes=int(limit_mb * MiB), source=source, physical_bytes=int(limit_mb * MiB)
-    )
+from memory_helpers import MiB, fixed_limits  # noqa: F401  (re-exported to Dagster-layer tests)
 
 
 def plain(metadata: Mapping[str, Any]) -> dict[str, Any]:

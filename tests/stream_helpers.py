@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from memory_helpers import fixed_limits
 
-from memsafe_dagster.memory import MemoryLimits, MemoryMonitor, MemoryPressureLevel
+from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel
 
 MiB = 1024 * 1024
 NORMAL = MemoryPressureLevel.NORMAL
@@ -18,12 +19,6 @@ EMERGENCY = MemoryPressureLevel.EMERGENCY
 SCHEMA = pa.schema([("id", pa.int64()), ("x", pa.float64()), ("status", pa.string())])
 
 
-def fixed_limits(limit_mb: float = 8192) -> MemoryLimits:
-    return MemoryLimits(
-        limit_bytes=int(limit_mb * MiB), source="physical", physical_bytes=int(limit_mb * MiB)
-    )
-
-
 class ScriptedMonitor(MemoryMonitor):
     """A MemoryMonitor whose pressure levels come from a script, one per check.
 
@@ -32,7 +27,7 @@ class ScriptedMonitor(MemoryMonitor):
     """
 
     def __init__(self, levels: Iterable[MemoryPressureLevel], **kwargs: object) -> None:
-        kwargs.setdefault("limits", fixed_limits())
+        kwargs.setdefault("limits", fixed_limits(8192))
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.script = list(levels)
         self.checks = 0

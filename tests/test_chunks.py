@@ -17,7 +17,7 @@ import pytest
 from stream_helpers import NORMAL, SCHEMA, ScriptedMonitor, ids_of, table, write_files
 
 from memsafe_dagster.datasets import ChunkStream, process_in_chunks
-from memsafe_dagster.datasets.chunks import default_monitor, scanner_batch_rows
+from memsafe_dagster.datasets.chunks import default_monitor
 
 
 @pytest.fixture
@@ -149,13 +149,6 @@ def test_chunk_size_change_mid_stream_applies_below_the_scanner_batch(data_dir: 
     rest = [c.num_rows for c in stream]
     assert max(rest) == 300
     assert sum(rest) == 17_000
-
-
-def test_scanner_batch_is_half_the_chunk() -> None:
-    assert scanner_batch_rows(100_000) == 50_000
-    assert scanner_batch_rows(50_001) == 25_001
-    assert scanner_batch_rows(1_500) == 1_024
-    assert scanner_batch_rows(10) == 10
 
 
 def test_progress_callback_after_every_chunk(data_dir: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from memory_helpers import fixed_limits
 
 from memsafe_dagster.memory import (
-    MemoryLimits,
     MemoryMonitor,
     MemoryPressureError,
     MemoryPressureLevel,
@@ -23,13 +23,6 @@ NORMAL = MemoryPressureLevel.NORMAL
 WARNING = MemoryPressureLevel.WARNING
 CRITICAL = MemoryPressureLevel.CRITICAL
 EMERGENCY = MemoryPressureLevel.EMERGENCY
-
-
-def fixed_limits(limit_mb: float = 4096, source: str = "physical") -> MemoryLimits:
-    """Limits of a machine with no cgroup; available memory is the host's."""
-    return MemoryLimits(
-        limit_bytes=int(limit_mb * MiB), source=source, physical_bytes=int(limit_mb * MiB)
-    )
 
 
 def reading(pyarrow_mb: float = 0, rss_mb: float = 0, available_mb: float | None = 10_000):
