@@ -1,9 +1,13 @@
 """Suite-wide fixtures: hermetic memory limits, shared skips for real cgroup caps."""
 
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pytest
+from fs_helpers import Where
 
 from memsafe_dagster.memory.cgroup_cap import MemoryCap
 
@@ -24,3 +28,16 @@ def cgroup_caps() -> None:
     reason = MemoryCap.unavailable_reason()
     if reason is not None:
         pytest.skip(f"REAL CGROUP CAP UNAVAILABLE, memory claim not verified here: {reason}")
+
+
+@pytest.fixture(params=["local", "memory"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Where]:
+    """The same test on local disk and on fsspec's memory://."""
+    if request.param == "local":
+        yield Where(fsspec.filesystem("file"), str(tmp_path), str(tmp_path))
+        return
+    fs = fsspec.filesystem("memory")
+    root = f"/scratch-{uuid.uuid4().hex[:10]}"
+    fs.makedirs(root, exist_ok=True)
+    yield Where(fs, root, f"memory://{root}")
+    fs.rm(root, recursive=True)

@@ -3,59 +3,17 @@
 import sys
 import time
 import types
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from fs_helpers import Where
 from stream_helpers import EMERGENCY, NORMAL, SCHEMA, ScriptedMonitor, ids_of, table
 
 from memsafe_dagster.datasets import ChunkStream, PyarrowDatasetIO, commit
 from memsafe_dagster.memory import MemoryPressureError
-
-
-@dataclass
-class Where:
-    fs: fsspec.AbstractFileSystem
-    path: str
-    url: str
-
-    def __call__(self, name: str) -> str:
-        return f"{self.url}/{name}"
-
-    def p(self, name: str) -> str:
-        return f"{self.path}/{name}"
-
-    def data_files(self, name: str) -> list[str]:
-        base = self.p(name)
-        if not self.fs.exists(base):
-            return []
-        return sorted(
-            f[len(base) :].lstrip("/")
-            for f in self.fs.find(base)
-            if not f[len(base) :].lstrip("/").startswith(("_", "."))
-        )
-
-    def snapshot(self, name: str) -> dict[str, bytes]:
-        base = self.p(name)
-        return {f: self.fs.cat_file(f) for f in self.fs.find(base)}
-
-
-@pytest.fixture(params=["local", "memory"])
-def where(request: pytest.FixtureRequest, tmp_path) -> Iterator[Where]:
-    if request.param == "local":
-        yield Where(fsspec.filesystem("file"), str(tmp_path), str(tmp_path))
-        return
-    fs = fsspec.filesystem("memory")
-    root = f"/io-{uuid.uuid4().hex[:10]}"
-    fs.makedirs(root, exist_ok=True)
-    yield Where(fs, root, f"memory://{root}")
-    fs.rm(root, recursive=True)
 
 
 @pytest.fixture

@@ -4,20 +4,11 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 from dagster_helpers import MiB, fixed_limits, plain
+from memory_helpers import reading
 
 from memsafe_dagster import metadata as md
 from memsafe_dagster.datasets import ChunkStream, MergeResult
-from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel, MemoryReading
-
-
-def reading(pyarrow_mb: float = 0, rss_mb: float = 0, available_mb: float | None = 10_000):
-    return MemoryReading(
-        pyarrow_bytes=int(pyarrow_mb * MiB),
-        rss_bytes=int(rss_mb * MiB),
-        available_bytes=None if available_mb is None else int(available_mb * MiB),
-        working_set_bytes=None,
-        at=0.0,
-    )
+from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel
 
 
 def test_keys_are_the_design_names() -> None:

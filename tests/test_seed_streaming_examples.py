@@ -150,18 +150,21 @@ def expected_sums() -> dict[str, float]:
     return sums
 
 
-def test_memory_aware_pipeline_runs_with_the_seeds_stage_fixed() -> None:
-    namespace = pipeline_namespace()
-    exec(PIPELINE_USAGE_FIXED, namespace)
-    result = namespace["result"]
-    got = dict(
+def sums_by_category(result: pa.Table) -> dict[str, float]:
+    """The pipeline example's output as ``{category: value_sum}``."""
+    return dict(
         zip(
             result.column("category").to_pylist(),
             result.column("value_sum").to_pylist(),
             strict=True,
         )
     )
-    assert got == expected_sums()
+
+
+def test_memory_aware_pipeline_runs_with_the_seeds_stage_fixed() -> None:
+    namespace = pipeline_namespace()
+    exec(PIPELINE_USAGE_FIXED, namespace)
+    assert sums_by_category(namespace["result"]) == expected_sums()
     reports = namespace["pipeline"].stage_reports
     assert [r.name for r in reports] == ["stage1_filter", "stage2_transform", "stage3_aggregate"]
     assert reports[0].rows_in == 1_000 and reports[0].rows_out == 334
@@ -186,12 +189,4 @@ def test_the_seeds_own_pipeline_class_runs_on_our_monitor() -> None:
     data = seed_table(1_000)
     namespace["MemoryAwarePipeline"].load_initial_data = lambda self: data  # assumed by the seed
     exec(PIPELINE_USAGE_FIXED, namespace)
-    result = namespace["result"]
-    got = dict(
-        zip(
-            result.column("category").to_pylist(),
-            result.column("value_sum").to_pylist(),
-            strict=True,
-        )
-    )
-    assert got == expected_sums()
+    assert sums_by_category(namespace["result"]) == expected_sums()

@@ -2,61 +2,15 @@
 
 import gc
 import json
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fs_helpers import Where
 from stream_helpers import SCHEMA, table
 
 from memsafe_dagster.datasets import ChunkedParquetWriter, ChunkStream, DatasetLockedError
 from memsafe_dagster.datasets.writer import WriteResult
-
-
-@dataclass
-class Where:
-    """A scratch directory on one filesystem: ``url`` for the writer, ``path`` for checks."""
-
-    fs: fsspec.AbstractFileSystem
-    path: str
-    url: str
-
-    def __call__(self, name: str) -> str:
-        return f"{self.url}/{name}"
-
-    def p(self, name: str) -> str:
-        return f"{self.path}/{name}"
-
-    def listing(self, name: str = "") -> list[str]:
-        base = self.p(name).rstrip("/")
-        if not self.fs.exists(base):
-            return []
-        return sorted(f[len(base) :].lstrip("/") for f in self.fs.find(base))
-
-    def read(self, name: str) -> pa.Table:
-        with self.fs.open(self.p(name), "rb") as fh:
-            return pq.read_table(fh)
-
-    def row_groups(self, name: str) -> list[int]:
-        with self.fs.open(self.p(name), "rb") as fh:
-            meta = pq.ParquetFile(fh).metadata
-            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-
-
-@pytest.fixture(params=["local", "memory"])
-def where(request: pytest.FixtureRequest, tmp_path) -> Iterator[Where]:
-    if request.param == "local":
-        fs = fsspec.filesystem("file")
-        yield Where(fs, str(tmp_path), str(tmp_path))
-        return
-    fs = fsspec.filesystem("memory")
-    root = f"/writer-{uuid.uuid4().hex[:10]}"
-    fs.makedirs(root, exist_ok=True)
-    yield Where(fs, root, f"memory://{root}")
-    fs.rm(root, recursive=True)
 
 
 def chunks_of(t: pa.Table, sizes: list[int]) -> list[pa.Table]:

@@ -234,20 +234,16 @@ class ChunkStream(Iterator[pa.Table]):
                     self._pending_rows += batch.num_rows
 
     def _batches_of(self, item: pa.RecordBatch | pa.Table) -> list[pa.RecordBatch]:
-        if isinstance(item, pa.Table):
-            batches = item.to_batches()
-            item_schema = item.schema
-        elif isinstance(item, pa.RecordBatch):
-            batches = [item]
-            item_schema = item.schema
-        else:
+        batches = record_batches(item)
+        if batches is None:
             raise TypeError(
                 f"ChunkStream items must be pyarrow RecordBatch or Table, got {type(item).__name__}"
             )
+        item_schema = item.schema
         if self._schema is None:
             self._schema = item_schema
         elif not item_schema.equals(self._schema):
-            batches = [_conform(b, self._schema) for b in batches]
+            batches = [conform_batch(b, self._schema) for b in batches]
         return batches
 
     def _cut(self, size: int) -> pa.Table:
@@ -317,7 +313,18 @@ class ChunkStream(Iterator[pa.Table]):
         )
 
 
-def _conform(batch: pa.RecordBatch, schema: pa.Schema, what: str = "the stream") -> pa.RecordBatch:
+def record_batches(item: object) -> list[pa.RecordBatch] | None:
+    """The batches of a ``pa.Table`` or ``pa.RecordBatch`` (zero-copy); None for anything else."""
+    if isinstance(item, pa.Table):
+        return item.to_batches()
+    if isinstance(item, pa.RecordBatch):
+        return [item]
+    return None
+
+
+def conform_batch(
+    batch: pa.RecordBatch, schema: pa.Schema, what: str = "the stream"
+) -> pa.RecordBatch:
     """``batch`` in ``schema``'s column order and types, or a ValueError naming the column.
 
     Only lossless casts are made (see ``is_lossless_cast``; values are checked too, so an

@@ -36,7 +36,7 @@ from memsafe_dagster.datasets.filesystem import (
     list_data_files,
     resolve_filesystem,
 )
-from memsafe_dagster.datasets.stream import ChunkStream, _conform
+from memsafe_dagster.datasets.stream import ChunkStream, conform_batch, record_batches
 
 CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 WRITE_MODES = ("append", "overwrite")
@@ -457,21 +457,17 @@ class ChunkedParquetWriter:
             raise ValueError(
                 f"writer for {self.path!r} is {self._state}; nothing more can be written"
             )
-        if isinstance(data, pa.Table):
-            batches = data.to_batches()
-            schema = data.schema
-        elif isinstance(data, pa.RecordBatch):
-            batches = [data]
-            schema = data.schema
-        else:
+        batches = record_batches(data)
+        if batches is None:
             raise TypeError(
                 "write() takes a pyarrow Table or RecordBatch; use write_stream() for a "
                 f"ChunkStream, RecordBatchReader or iterable, got {type(data).__name__}"
             )
-        sink = self._sink_for(schema)
+        sink = self._sink_for(data.schema)
         target = sink.schema
         conformed = [
-            b if b.schema.equals(target) else _conform(b, target, "the writer's") for b in batches
+            b if b.schema.equals(target) else conform_batch(b, target, "the writer's")
+            for b in batches
         ]
         sink.write(conformed)
         self._rows += sum(b.num_rows for b in conformed)
@@ -553,7 +549,7 @@ class ChunkedParquetWriter:
         existing = existing.remove_metadata()
         if self._schema is not None:
             empty = pa.RecordBatch.from_pylist([], schema=self._schema)
-            _conform(empty, existing, "the existing dataset's")
+            conform_batch(empty, existing, "the existing dataset's")
         return existing
 
     # -- closing ----------------------------------------------------------------------------
