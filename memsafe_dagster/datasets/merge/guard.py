@@ -1,7 +1,7 @@
 """The merge's memory guard and progress: one object every phase reports to.
 
 ``check(phase)`` reads the pressure level (a few tens of microseconds). WARNING changes nothing
-but the release of PyArrow's cached memory (above 65 % of the budget, see ``_release_if_grown``):
+but the release of PyArrow's cached memory (above half the budget, see ``_release_if_grown``):
 a merge at steady state often sits just past 70 % of its budget, and serializing there cost 20-40
 % of the time for no memory back (10M/1M upsert, 384 MB budget: 2.4 s against 1.9 s, both at
 about 275 MB). CRITICAL processes one file at a time (the files in flight hold most of the
@@ -33,8 +33,6 @@ ProgressCallback = Callable[[int, int], None]
 RELEASE_FRACTION = 0.5
 # Smaller chunks save little memory (the row group being written dominates) and cost a lot.
 MIN_CHUNK_ROWS = 8_192
-JEMALLOC_CONF_ENV = "JE_ARROW_MALLOC_CONF"
-JEMALLOC_CONF = "narenas:1,dirty_decay_ms:100,muzzy_decay_ms:0"
 
 
 class MergeGuard:
@@ -72,11 +70,7 @@ class MergeGuard:
         # PyArrow's allocator keeps freed memory for reuse; past RELEASE_FRACTION of the process
         # budget (or of the PyArrow budget) checks hand it back to the OS (about 1 ms).
         budget_mb = monitor.max_process_memory_mb or monitor.max_pyarrow_mb
-        self._release_above = (
-            int(float(__import__("os").environ.get("RELF", RELEASE_FRACTION)) * budget_mb * 2**20)
-            if budget_mb
-            else None
-        )
+        self._release_above = int(RELEASE_FRACTION * budget_mb * 2**20) if budget_mb else None
         self._released_at = 0.0
         self._collected = 0.0
         self.min_chunk_rows = min(chunk_rows, MIN_CHUNK_ROWS)
