@@ -345,9 +345,12 @@ class KeyIndex:
         # An unstable sort is twice as fast; only duplicates need the stable one, which keeps
         # their source order for "first"/"last".
         order = np.argsort(mixed)
-        if len(order) > 1 and (mixed[order[1:]] == mixed[order[:-1]]).any():
+        sorted_mixed = mixed[order]
+        same = sorted_mixed[1:] == sorted_mixed[:-1]
+        if same.any():  # the sorted values are the same either way, and so is ``same``
             order = np.argsort(mixed, kind="stable")
-        mixed = mixed[order]
+            sorted_mixed = mixed[order]
+        mixed = sorted_mixed
         small = positions is None or len(positions) == 0 or positions.max() < 2**31
         position_type = np.int32 if len(mixed) < 2**31 and small else np.int64
         if positions is None:
@@ -357,7 +360,6 @@ class KeyIndex:
         if key_values is not None:
             key_values = key_values.take(indices(order))
         del order
-        same = mixed[1:] == mixed[:-1]
         dropped = np.zeros(0, dtype=np.int64)
         if same.any():
             if not exact:
