@@ -107,6 +107,70 @@ def test_merge_errors_are_one_line_and_change_nothing(tmp_path: Path) -> None:
     assert snapshot(target) == before
 
 
+def _write(path: Path, table: pa.Table) -> Path:
+    write_files(path, [table])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("target is a file", "is a file; a merge target is a dataset directory"),
+        ("source does not exist", "source '{tmp}/nowhere' does not exist"),
+        ("source is not Parquet", "source file '{tmp}/bad/notes.parquet' is not a readable"),
+        ("duplicate keys", "pass --on-duplicate-keys first|last"),
+        ("source lacks a column", "source lacks column(s) ['v']"),
+        ("empty full_merge", "pass --allow-empty-source if that is intended"),
+    ],
+)
+def test_merge_errors_speak_the_commands_language(tmp_path: Path, case: str, expected: str) -> None:
+    source, target = _data(tmp_path)
+    ids = pa.array([1, 2, 2], pa.int64())
+    argv = {
+        "target is a file": [str(source), str(sorted(target.glob("*.parquet"))[0])],
+        "source does not exist": [str(tmp_path / "nowhere"), str(target)],
+        "source is not Parquet": [str(tmp_path / "bad"), str(target)],
+        "duplicate keys": [
+            str(_write(tmp_path / "dup", pa.table({"id": ids, "g": ids, "v": ["a", "b", "c"]}))),
+            str(target),
+        ],
+        "source lacks a column": [
+            str(_write(tmp_path / "part", pa.table({"id": ids[:1], "g": ids[:1]}))),
+            str(target),
+        ],
+        "empty full_merge": [
+            str(_write(tmp_path / "empty", pa.table({"id": ids, "g": ids, "v": ["a"] * 3})[:0])),
+            str(target),
+            "--strategy",
+            "full_merge",
+        ],
+    }[case]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "notes.parquet").write_text("not parquet")
+    before = snapshot(target)
+    proc = _run("merge", *argv, "--key", "id")
+    assert proc.returncode == 2, proc.stderr
+    assert expected.format(tmp=tmp_path) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(target) == before
+
+
+def test_merge_fills_missing_columns_with_nulls_when_asked(tmp_path: Path) -> None:
+    _, target = _data(tmp_path)
+    part = _write(tmp_path / "part", pa.table({"id": pa.array([5, 99_999]), "g": [0, 0]}))
+    proc = _run("merge", str(part), str(target), "--key", "id", "--missing-columns", "null")
+    assert proc.returncode == 0, proc.stderr
+    by_id = {r["id"]: r["v"] for r in read_dataset(target).to_pylist()}
+    assert by_id[5] is None and by_id[99_999] is None and by_id[6] == "t"
+
+
+def test_recover_of_a_path_that_does_not_exist_fails(tmp_path: Path) -> None:
+    proc = _run("recover", str(tmp_path / "typo"))
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'typo'} does not exist" in proc.stderr
+    assert not (tmp_path / "typo").exists()
+
+
 def test_merge_on_a_locked_target_exits_3(tmp_path: Path) -> None:
     source, target = _data(tmp_path)
     (target / "_memsafe").mkdir()

@@ -27,7 +27,7 @@ from merge_helpers import (
     write_files,
 )
 
-from memsafe_dagster.datasets.merge import STRATEGIES, merge_dataset
+from memsafe_dagster.datasets.merge import STRATEGIES, MergeResult, merge_dataset
 
 KEY_KINDS = {
     "int": (["k"], pa.schema([("k", pa.int64()), ("v", pa.int64()), ("s", pa.string())])),
@@ -116,6 +116,7 @@ def _run_case(case: dict, root: Path, fs: fsspec.AbstractFileSystem, target: str
         row_group_size=case["row_group_size"],
         target_file_rows=case["target_file_rows"],
         merge_min_system_available_mb=0,
+        allow_empty_source=True,  # the oracle is the contract's table, empty source included
     )
     files = (
         [p for p in fs.find(target) if "/_" not in p[len(target) :]] if fs.exists(target) else []
@@ -195,14 +196,26 @@ def test_empty_source(tmp_path: Path, strategy: str) -> None:
     table = pa.table({"id": list(range(10)), "v": [f"t{i}" for i in range(10)]})
     write_files(target, [table.slice(0, 5), table.slice(5)])
     before = {p.name: p.read_bytes() for p in data_files(target)}
-    result = merge_dataset(
-        table.schema.empty_table(),
-        str(target),
-        fs=fsspec.filesystem("file"),
-        strategy=strategy,
-        key_columns=["id"],
-        merge_min_system_available_mb=0,
-    )
+
+    def merge(**options: object) -> MergeResult:
+        return merge_dataset(
+            table.schema.empty_table(),
+            str(target),
+            fs=fsspec.filesystem("file"),
+            strategy=strategy,
+            key_columns=["id"],
+            merge_min_system_available_mb=0,
+            **options,
+        )
+
+    if strategy == "full_merge":
+        # An empty upstream is more often a fault than an intent: refused unless allowed.
+        with pytest.raises(ValueError, match="would delete all 10 rows"):
+            merge()
+        assert {p.name: p.read_bytes() for p in data_files(target)} == before
+        result = merge(allow_empty_source=True)
+    else:
+        result = merge()
     after = {p.name: p.read_bytes() for p in data_files(target)}
     if strategy == "full_merge":
         assert after == {} and result.deleted == 10 and result.target_count_after == 0

@@ -55,12 +55,12 @@ def _merge(source, target: Path, **kwargs):
 REFUSALS = {
     "null key": (
         pa.table({"id": [1, None], "name": ["a", "b"], "required": pa.array([1, 2], pa.int32())}),
-        {},
+        {"missing_columns": "null"},
         "key column 'id' has 1 null",
     ),
     "duplicate keys": (
         pa.table({"id": [3, 4, 3], "required": pa.array([1, 2, 3], pa.int32())}),
-        {},
+        {"missing_columns": "null"},
         "duplicate key",
     ),
     "key missing in source": (
@@ -75,7 +75,7 @@ REFUSALS = {
     ),
     "string key into int key": (
         pa.table({"id": ["1"], "required": pa.array([1], pa.int32())}),
-        {},
+        {"missing_columns": "null"},
         "column 'id': source type string cannot be cast to the target's int64",
     ),
     "lossy key cast": (
@@ -85,12 +85,12 @@ REFUSALS = {
     ),
     "overflowing value cast": (
         pa.table({"id": [1], "required": pa.array([2**40], pa.int64())}),
-        {},
+        {"missing_columns": "null"},
         "column 'required': cannot cast source int64 to the target's int32 without loss",
     ),
     "string into float column": (
         pa.table({"id": [1], "score": ["high"], "required": pa.array([1], pa.int32())}),
-        {},
+        {"missing_columns": "null"},
         "column 'score': source type string cannot be cast",
     ),
     "unknown extra column": (
@@ -98,14 +98,24 @@ REFUSALS = {
         {},
         "source column(s) ['surprise'] do not exist in the target",
     ),
+    "missing nullable column": (
+        pa.table({"id": [1], "required": pa.array([1], pa.int32())}),
+        {},
+        "source lacks column(s) ['name', 'score'] of the target dataset",
+    ),
+    "bad missing_columns policy": (
+        pa.table({"id": [1]}),
+        {"missing_columns": "zero"},
+        "missing_columns must be one of ['error', 'null']",
+    ),
     "missing non-nullable column": (
         pa.table({"id": [1], "name": ["a"]}),
-        {},
+        {"missing_columns": "null"},
         "column 'required' is missing from the source and is not nullable",
     ),
     "nulls in a non-nullable column": (
         pa.table({"id": [1], "required": pa.array([None], pa.int32())}),
-        {},
+        {"missing_columns": "null"},
         "column 'required' has 1 null value(s) but is not nullable",
     ),
     "unknown strategy": (
@@ -143,6 +153,34 @@ def test_refusals_name_the_problem_and_leave_the_target_unchanged(
     assert snapshot(target) == before
 
 
+@pytest.mark.parametrize("strategy", ["upsert", "update", "full_merge", "insert"])
+def test_a_source_without_a_column_does_not_wipe_it(tmp_path: Path, strategy: str) -> None:
+    """Replacing a row with a source row that lacks a column would null its value: refused
+    unless nulls are asked for, and then they are written."""
+    target = _target(tmp_path)
+    source = pa.table(
+        {"id": [3, 42], "name": ["new3", "new42"], "required": pa.array([30, 420], pa.int32())}
+    )
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"source lacks column\(s\) \['score'\]"):
+        _merge(source, target, strategy=strategy)
+    assert snapshot(target) == before
+    _merge(source, target, strategy=strategy, missing_columns="null")
+    scores = dict(
+        zip(
+            read_dataset(target).column("id").to_pylist(),
+            read_dataset(target).column("score").to_pylist(),
+            strict=True,
+        )
+    )
+    if strategy in ("upsert", "update", "full_merge"):
+        assert scores[3] is None
+    if strategy in ("upsert", "full_merge", "insert"):
+        assert scores[42] is None
+    if strategy != "full_merge":
+        assert scores[4] == 4.0
+
+
 def test_refusal_on_a_missing_target_leaves_no_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="null"):
         _merge(pa.table({"id": [1, None]}), tmp_path / "new")
@@ -159,7 +197,7 @@ def test_int32_source_keys_match_int64_target_keys(tmp_path: Path) -> None:
             "required": pa.array([30, 420], pa.int16()),
         }
     )
-    result = _merge(source, target)
+    result = _merge(source, target, missing_columns="null")
     out = read_dataset(target)
     assert out.num_rows == 11 and result.updated == 1 and result.inserted == 1
     assert sorted(out.column("id").to_pylist()) == sorted([*range(10), 42])
@@ -167,7 +205,7 @@ def test_int32_source_keys_match_int64_target_keys(tmp_path: Path) -> None:
     assert by_id[3] == "new3" and by_id[42] == "new42"
     for path in data_files(target):
         assert pq.read_schema(path).equals(TARGET_SCHEMA), path
-    # The missing nullable column was filled with nulls.
+    # The missing nullable column was filled with nulls, as asked.
     row = out.filter(pa.compute.equal(out.column("id"), 42)).to_pylist()[0]
     assert row["score"] is None and row["required"] == 420
 
@@ -181,7 +219,7 @@ def test_every_written_file_keeps_the_target_schema_and_row_groups(tmp_path: Pat
             "name": pa.array([f"s{i}" for i in range(60)], pa.large_string()),
         }
     )
-    _merge(source, target, row_group_size=16, target_file_rows=32)
+    _merge(source, target, row_group_size=16, target_file_rows=32, missing_columns="null")
     for path in data_files(target):
         assert pq.read_schema(path).equals(TARGET_SCHEMA), path
         md = pq.read_metadata(path)
@@ -250,7 +288,7 @@ def test_every_source_kind_gives_the_same_result(tmp_path: Path, kind: str, stra
         base = tmp_path / variant
         target = _target(base)
         data = source if variant == "reference" else _source_kinds(source, base)[kind]()
-        r = _merge(data, target, strategy=strategy)
+        r = _merge(data, target, strategy=strategy, missing_columns="null")
         results.append((row_set(read_dataset(target)), r.inserted, r.updated, r.source_count))
     assert results[0] == results[1]
 
@@ -291,10 +329,12 @@ def test_key_types(tmp_path: Path, name: str) -> None:
 
 def test_the_source_columns_may_come_in_any_order(tmp_path: Path) -> None:
     target = _target(tmp_path)
-    source = pa.table({"required": pa.array([7], pa.int32()), "name": ["x"], "id": [5]})
+    source = pa.table(
+        {"required": pa.array([7], pa.int32()), "score": [0.5], "name": ["x"], "id": [5]}
+    )
     _merge(source, target)
     by_id = {r["id"]: r for r in read_dataset(target).to_pylist()}
-    assert by_id[5] == {"id": 5, "name": "x", "score": None, "required": 7}
+    assert by_id[5] == {"id": 5, "name": "x", "score": 0.5, "required": 7}
 
 
 @pytest.mark.parametrize(

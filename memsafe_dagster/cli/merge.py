@@ -53,6 +53,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk")
     parser.add_argument("--on-duplicate-keys", choices=("error", "first", "last"), default="error")
+    parser.add_argument(
+        "--missing-columns",
+        choices=("error", "null"),
+        default="error",
+        help="target columns the source lacks: refuse (default) or write nulls",
+    )
+    parser.add_argument(
+        "--allow-empty-source",
+        action="store_true",
+        help="let full_merge with an empty source empty the target (refused otherwise)",
+    )
     parser.add_argument("--row-group-size", type=int, help="rows per row group written")
     parser.add_argument("--target-file-rows", type=int, help="rows per new file")
     parser.add_argument("--compression", help="codec of written files (default: the target's)")
@@ -65,6 +76,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="progress bar (default: when stderr is a terminal)",
     )
     parser.set_defaults(handler=run)
+
+
+# Parameter names in the library's error messages, as this command spells them.
+PYTHON_TO_FLAGS = (
+    ("pass on_duplicate_keys='first' or 'last'", "pass --on-duplicate-keys first|last"),
+    ("missing_columns='null'", "--missing-columns null"),
+    ("allow_empty_source=True", "--allow-empty-source"),
+    ("merge_chunk_size_rows", "--chunk-rows"),
+    ("raise the memory budget", "raise --max-memory"),
+)
 
 
 def budgets(args: argparse.Namespace) -> dict[str, float]:
@@ -123,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
     from memsafe_dagster.datasets.merge import merge_dataset
 
     keys = [k.strip() for value in args.key for k in value.split(",") if k.strip()]
-    options: dict[str, Any] = {"lock_timeout_s": args.lock_timeout}
+    options: dict[str, Any] = {
+        "lock_timeout_s": args.lock_timeout,
+        "missing_columns": args.missing_columns,
+        "allow_empty_source": args.allow_empty_source,
+    }
     if args.row_group_size is not None:
         options["row_group_size"] = args.row_group_size
     if args.target_file_rows is not None:
@@ -149,6 +174,13 @@ def run(args: argparse.Namespace) -> int:
     except DatasetLockedError as exc:
         print(f"memsafe merge: {exc}", file=sys.stderr)
         return 3
+    except (ValueError, MemoryError) as exc:
+        # The library's advice names Python parameters; name this command's options.
+        message = str(exc)
+        for python, flag in PYTHON_TO_FLAGS:
+            message = message.replace(python, flag)
+        print(f"memsafe merge: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
     finally:
         if bar is not None:
             bar.close()
@@ -162,8 +194,9 @@ def run(args: argparse.Namespace) -> int:
         f"{r.target_count_before:,} -> {r.target_count_after:,} rows"
     )
     print(
-        f"files: {r.files_rewritten} rewritten, {r.files_added} added, {r.files_removed} "
-        f"removed, {r.files_untouched} untouched ({r.files_pruned} pruned by statistics)"
+        f"files: {r.files_rewritten} rewritten, {r.files_compacted} small ones compacted, "
+        f"{r.files_added} added, {r.files_removed} removed, {r.files_untouched} untouched "
+        f"({r.files_pruned} pruned by statistics)"
     )
     print(
         f"{r.duration_s:.2f}s, peak RSS {r.peak_rss_mb:.0f} MB, peak PyArrow "

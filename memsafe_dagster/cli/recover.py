@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fs, target = resolve_filesystem(args.target)
+    if not fs.exists(target):
+        print(f"memsafe recover: error: {args.target} does not exist", file=sys.stderr)
+        return 2
     pending = pending_commits(fs, target)
     try:
         report = recover(fs, target, break_lock=args.break_lock, lock_timeout_s=args.lock_timeout)

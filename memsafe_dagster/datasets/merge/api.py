@@ -96,6 +96,11 @@ def merge_dataset(
         fs, target = resolve_filesystem(path)
     else:
         target = os.fspath(path)
+    if fs.isfile(target):
+        raise ValueError(
+            f"target {os.fspath(path)!r} is a file; a merge target is a dataset directory "
+            "(it may not exist yet)"
+        )
     monitor = memory_monitor or merge_monitor(
         merge_max_memory_mb, merge_max_process_memory_mb, merge_min_system_available_mb
     )

@@ -146,7 +146,11 @@ class MergeEngine(IngestPhase, MatchPhase, WritePhase):
                     )
                 check_key_type(k, schema.field(k).type, "source")
         conformer = SourceConformer(
-            source.schema, schema, self.keys, keys_only=self.strategy == "delete"
+            source.schema,
+            schema,
+            self.keys,
+            keys_only=self.strategy == "delete",
+            fill_missing=self.opts.missing_columns == "null",
         )
         self.schema = schema
         self.dataset = dataset

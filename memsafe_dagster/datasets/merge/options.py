@@ -10,6 +10,7 @@ from typing import Any
 STRATEGIES = ("insert", "update", "upsert", "delete", "full_merge")
 DUPLICATE_POLICIES = ("error", "first", "last")
 MEMORY_POOLS = ("auto", "default", "jemalloc", "mimalloc", "system")
+MISSING_COLUMN_POLICIES = ("error", "null")
 COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "brotli", "none")
 
 DEFAULT_ROW_GROUP_SIZE = 131_072
@@ -41,6 +42,12 @@ class MergeOptions:
       ``merge_max_memory_mb``); a larger source is spilled to disk and matched in passes.
     - ``durable``: fsync staged files and the commit record (survives power loss, not only
       process death; slower).
+    - ``missing_columns``: what to do when the source lacks a (nullable, non-key) column of the
+      target. "error" (default): refuse, naming the columns, because a replaced row would lose
+      its values there. "null": write nulls in those columns (new rows and replaced rows).
+    - ``allow_empty_source``: let ``full_merge`` with a source of no rows empty a non-empty
+      target (default False: refused, since an empty upstream is far more often a fault than
+      an intent).
     - ``memory_pool``: the Arrow allocator while the merge runs: "auto" (default: jemalloc
       when this PyArrow has it; on the 10M/1M upsert it spent half the page-fault time of
       mimalloc for the same peak RSS), "jemalloc", "mimalloc", "system", or "default" (leave
@@ -58,6 +65,8 @@ class MergeOptions:
     background_writes: bool | None = None
     index_memory_mb: float | None = None
     durable: bool = False
+    missing_columns: str = "error"
+    allow_empty_source: bool = False
     memory_pool: str = "auto"
 
     @classmethod
@@ -85,6 +94,11 @@ class MergeOptions:
         ):
             raise ValueError(
                 f"index_memory_mb must be a positive number, got {self.index_memory_mb!r}"
+            )
+        if self.missing_columns not in MISSING_COLUMN_POLICIES:
+            raise ValueError(
+                f"missing_columns must be one of {list(MISSING_COLUMN_POLICIES)}, got "
+                f"{self.missing_columns!r}"
             )
         if self.memory_pool not in MEMORY_POOLS:
             raise ValueError(

@@ -41,6 +41,12 @@ class WritePhase(EngineState):
         files = self.dataset.files
         strategy = self.strategy
         n_src = state.rows
+        empties_target = strategy == "full_merge" and n_src == 0 and self.dataset.rows
+        if empties_target and not self.opts.allow_empty_source:
+            raise ValueError(
+                f"full_merge with an empty source would delete all {self.dataset.rows:,} "
+                "rows of the target; pass allow_empty_source=True if that is intended"
+            )
         n_matched_src = matched_src.count()
         n_dropped = dropped_src.count()
         matched_target = sum(f.matched for f in files)

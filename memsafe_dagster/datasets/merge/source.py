@@ -118,6 +118,8 @@ def open_source(
             fs, path = filesystem, filesystem._strip_protocol(os.fspath(data))
         else:
             fs, path = resolve_filesystem(data, storage_options=storage_options)
+        if not fs.exists(path):
+            raise ValueError(f"source {os.fspath(data)!r} does not exist")
         files = tuple(list_data_files(fs, path))
         if not files:
             raise ValueError(f"source {os.fspath(data)!r} holds no Parquet files")
@@ -125,10 +127,15 @@ def open_source(
         total = 0
         schema = None
         for f in files:
-            with afs.open_input_file(f) as fh:
-                pf = pq.ParquetFile(fh, pre_buffer=False)
-                total += pf.metadata.num_rows
-                schema = schema or pf.schema_arrow
+            try:
+                with afs.open_input_file(f) as fh:
+                    pf = pq.ParquetFile(fh, pre_buffer=False)
+                    total += pf.metadata.num_rows
+                    schema = schema or pf.schema_arrow
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ValueError(
+                    f"source file {f!r} is not a readable Parquet file: {exc}"
+                ) from exc
         return MergeSource(schema, total, True, f"source {os.fspath(data)}", _files=files, _fs=fs)
     if _is_arrow_dataset(data):
         scanner = data.scanner(batch_size=chunk_rows, batch_readahead=1, fragment_readahead=1)

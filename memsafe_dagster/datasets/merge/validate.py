@@ -4,7 +4,8 @@ The output schema is the target's. Source columns are cast to it when the cast c
 information (same kind of type, values checked: int32 -> int64, int64 -> int32 when every value
 fits, string -> large_string); a different kind (string -> int, date -> timestamp, naive ->
 tz-aware) is refused, as are unknown extra source columns. A target column the source lacks is
-filled with nulls when nullable, refused otherwise.
+refused (a replaced row would silently lose its values there) unless the caller asks for nulls
+and the column is nullable.
 """
 
 from __future__ import annotations
@@ -129,8 +130,10 @@ class SourceConformer:
         keys: Sequence[str],
         *,
         keys_only: bool = False,
+        fill_missing: bool = False,
     ) -> None:
         self.keys = tuple(keys)
+        self.fill_missing = fill_missing
         self.target = target
         self.source = source
         self.empty_schema = len(source) == 0
@@ -155,6 +158,14 @@ class SourceConformer:
                     f"source column(s) {extra} do not exist in the target dataset (its "
                     f"columns: {target.names}); drop them or add them to the target first"
                 )
+        absent = [f.name for f in self.out_schema if source.get_field_index(f.name) < 0]
+        if absent and not fill_missing:
+            raise ValueError(
+                f"source lacks column(s) {absent} of the target dataset (its columns: "
+                f"{target.names}); the rows it writes would hold nulls there, so replaced rows "
+                "would lose their values. Add the column(s) to the source, or pass "
+                "missing_columns='null' to write nulls on purpose"
+            )
         for field in self.out_schema:
             idx = source.get_field_index(field.name)
             if idx < 0:
@@ -189,8 +200,11 @@ class SourceConformer:
             if idx < 0:
                 if field.name in self.keys:
                     raise ValueError(f"key column {field.name!r} missing from a source batch")
-                if not field.nullable:
-                    raise ValueError(f"column {field.name!r} missing from a source batch")
+                if not field.nullable or not self.fill_missing:
+                    raise ValueError(
+                        f"column {field.name!r} missing from a source batch (the first batches "
+                        "had it)"
+                    )
                 columns.append(pa.nulls(n, field.type))
                 continue
             column = table.column(idx)
