@@ -131,7 +131,7 @@ class MergeGuard:
                 raise MemoryPressureError(
                     f"memory pressure EMERGENCY during merge phase '{phase}': "
                     f"{self.monitor.get_detailed_status()}. Nothing was committed; the target "
-                    "is unchanged. Lower merge_chunk_size_rows, or raise the memory budget",
+                    f"is unchanged. {_advice(reading.pyarrow_bytes, reading.rss_bytes)}",
                     level=level,
                     status=status,
                 )
@@ -220,6 +220,17 @@ class MergeGuard:
     def _emit(self) -> None:
         if self._callback is not None:
             self._callback(self._done, self._total)
+
+
+def _advice(pyarrow_bytes: int, rss_bytes: int) -> str:
+    """What to change: smaller chunks only help when data, not the process itself, fills RSS."""
+    if rss_bytes and pyarrow_bytes < rss_bytes // 4:
+        return (
+            f"PyArrow holds only {pyarrow_bytes / 2**20:.0f} MB of the "
+            f"{rss_bytes / 2**20:.0f} MB RSS (the rest is the interpreter, its libraries and "
+            "other objects), so smaller chunks will not help: raise the memory budget"
+        )
+    return "Lower merge_chunk_size_rows, or raise the memory budget"
 
 
 def _release_memory() -> None:
