@@ -27,6 +27,7 @@ from memsafe_dagster.memory import (
     MemoryPressureLevel,
     detect_memory_limits,
 )
+from memsafe_dagster.memory.process import current_rss_bytes
 
 FS = fsspec.filesystem("file")
 NORMAL = MemoryPressureLevel.NORMAL
@@ -122,7 +123,8 @@ def test_a_real_budget_too_small_stops_before_anything_is_written(tmp_path: Path
         )
     assert snapshot(target) == before
     # The interpreter alone is over 1 MB: the advice says chunks are not the problem.
-    assert "so smaller chunks will not help: raise the memory budget" in str(err.value)
+    assert "before the merge started" in str(err.value)
+    assert "smaller chunks will not help: raise the memory budget" in str(err.value)
 
 
 def test_a_missing_target_stays_missing_after_an_emergency(tmp_path: Path) -> None:
@@ -279,3 +281,36 @@ def test_peaks_and_pressure_are_reported(tmp_path: Path) -> None:
     doc = result.to_dict()
     assert doc["max_pressure"] == "normal" and isinstance(doc["peak_rss_mb"], float)
     assert detect_memory_limits().limit_bytes > 0
+
+
+def test_explicit_workers_are_a_maximum_under_a_tight_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four files at once that the budget cannot hold would end in EMERGENCY: fewer run, and
+    the log says so; the merge completes."""
+    target = _target(tmp_path, rows=8_000, files=8)
+    chosen: list[int] = []
+    original = engine.MergeEngine._affordable_workers
+
+    def spy(self, *args):
+        chosen.append(original(self, *args))
+        return chosen[-1]
+
+    budget_mb = current_rss_bytes() / 2**20 + 200
+    with caplog.at_level("WARNING", logger=engine.__name__):
+        engine.MergeEngine._affordable_workers = spy
+        try:
+            result = merge_dataset(
+                _source(4_000),
+                str(target),
+                fs=FS,
+                key_columns=["id"],
+                workers=4,
+                merge_max_process_memory_mb=budget_mb,
+                merge_min_system_available_mb=0,
+            )
+        finally:
+            engine.MergeEngine._affordable_workers = original
+    assert chosen and chosen[0] < 4
+    assert f"(workers=4) would not fit the {budget_mb:.0f} MB process budget" in caplog.text
+    assert result.committed and read_dataset(target).num_rows == 8_000 + result.inserted

@@ -75,11 +75,14 @@ class MergeGuard:
         self._collected = 0.0
         self.min_chunk_rows = min(chunk_rows, MIN_CHUNK_ROWS)
         self._released_at_rss = 0
+        self.start_rss = 0
 
     # -- sampling ---------------------------------------------------------------------------
 
     def __enter__(self) -> MergeGuard:
-        self._record(*self.monitor.sample())
+        reading, level = self.monitor.sample()
+        self.start_rss = reading.rss_bytes
+        self._record(reading, level)
         self._thread = threading.Thread(target=self._run, name="memsafe-merge-guard", daemon=True)
         self._thread.start()
         return self
@@ -131,12 +134,25 @@ class MergeGuard:
                 raise MemoryPressureError(
                     f"memory pressure EMERGENCY during merge phase '{phase}': "
                     f"{self.monitor.get_detailed_status()}. Nothing was committed; the target "
-                    f"is unchanged. {_advice(reading.pyarrow_bytes, reading.rss_bytes)}",
+                    f"is unchanged. {self._advice()}",
                     level=level,
                     status=status,
                 )
         self._adapt(level)
         return level
+
+    def _advice(self) -> str:
+        """What to change: smaller chunks cannot help when the process was already near its
+        budget before the merge read anything."""
+        budget_mb = self.monitor.max_process_memory_mb
+        start_mb = self.start_rss / 2**20
+        if budget_mb and start_mb >= 0.75 * budget_mb:
+            return (
+                f"The process already used {start_mb:.0f} MB of its {budget_mb:.0f} MB budget "
+                "before the merge started (interpreter, libraries, earlier work), so smaller "
+                "chunks will not help: raise the memory budget"
+            )
+        return "Lower merge_chunk_size_rows, or raise the memory budget"
 
     def _release_if_grown(self, rss: int) -> None:
         """Return PyArrow's cached memory when RSS grew 8 MB since the last time (or 0.2 s
@@ -222,17 +238,6 @@ class MergeGuard:
             self._callback(self._done, self._total)
 
 
-def _advice(pyarrow_bytes: int, rss_bytes: int) -> str:
-    """What to change: smaller chunks only help when data, not the process itself, fills RSS."""
-    if rss_bytes and pyarrow_bytes < rss_bytes // 4:
-        return (
-            f"PyArrow holds only {pyarrow_bytes / 2**20:.0f} MB of the "
-            f"{rss_bytes / 2**20:.0f} MB RSS (the rest is the interpreter, its libraries and "
-            "other objects), so smaller chunks will not help: raise the memory budget"
-        )
-    return "Lower merge_chunk_size_rows, or raise the memory budget"
-
-
 def _release_memory() -> None:
     gc.collect()
     with contextlib.suppress(Exception):
@@ -276,3 +281,7 @@ def merge_memory_pool(choice: str) -> Iterator[str]:
         yield pool.backend_name
     finally:
         pa.set_memory_pool(previous)
+        # Hand the merge's cached memory back: a long-lived process (a Dagster run with
+        # several merges) would otherwise carry it into everything that follows.
+        with contextlib.suppress(Exception):
+            pool.release_unused()

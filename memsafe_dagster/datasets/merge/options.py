@@ -33,8 +33,8 @@ class MergeOptions:
       columns whose values repeat (sampled), which writes several times faster.
     - ``lock_timeout_s``: how long a second writer waits for the lock (default 30 s) before
       ``DatasetLockedError``.
-    - ``workers``: files processed concurrently (default: CPUs available, at most 4; drops to 1
-      under memory pressure).
+    - ``workers``: files processed concurrently, at most (default: CPUs available, at most
+      4); fewer when the process budget cannot hold that many, and 1 under memory pressure.
     - ``background_writes``: encode and write output files in their own threads, so reading
       the next rows overlaps writing the last ones (default: when there are more CPUs than
       files to rewrite at once, e.g. a single touched file).
