@@ -155,6 +155,18 @@ def test_merge_errors_speak_the_commands_language(tmp_path: Path, case: str, exp
     assert snapshot(target) == before
 
 
+def test_merge_memory_advice_names_the_commands_options(tmp_path: Path) -> None:
+    """A budget below what the interpreter already uses: EMERGENCY, advice in flags."""
+    source, target = _data(tmp_path)
+    before = snapshot(target)
+    proc = _run("merge", str(source), str(target), "--key", "id", "--max-memory", "1MB")
+    assert proc.returncode == 1, proc.stderr
+    assert "memory pressure EMERGENCY" in proc.stderr
+    assert "raise --max-memory" in proc.stderr and "memory budget" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(target) == before
+
+
 def test_merge_fills_missing_columns_with_nulls_when_asked(tmp_path: Path) -> None:
     _, target = _data(tmp_path)
     part = _write(tmp_path / "part", pa.table({"id": pa.array([5, 99_999]), "g": [0, 0]}))

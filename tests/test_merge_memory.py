@@ -312,5 +312,5 @@ def test_explicit_workers_are_a_maximum_under_a_tight_budget(
         finally:
             engine.MergeEngine._affordable_workers = original
     assert chosen and chosen[0] < 4
-    assert f"(workers=4) would not fit the {budget_mb:.0f} MB process budget" in caplog.text
+    assert f"workers=4 would not fit the {budget_mb:.0f} MB process budget" in caplog.text
     assert result.committed and read_dataset(target).num_rows == 8_000 + result.inserted

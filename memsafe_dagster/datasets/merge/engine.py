@@ -256,7 +256,7 @@ class MergeEngine(IngestPhase, MatchPhase, WritePhase):
 
         Each file in flight holds about eight row groups' worth of buffers (decoded batch,
         survivors, the row group being encoded, allocator slack) plus about 24 MB of its own
-        (reader and writer state, the thread's allocator cache): measured 52-60 MB per file
+        (reader and writer state, the thread's allocator cache): measured 52-70 MB per file
         for 92k-row groups of 46 bytes. The key index takes about ``INDEX_BYTES_PER_KEY`` per
         source row. Past what fits in 75 % of the budget, one file at a time (with background
         encoding: both cores still work) is safer than two, and only about 20 % slower. An explicit
@@ -273,10 +273,9 @@ class MergeEngine(IngestPhase, MatchPhase, WritePhase):
         affordable = int(max(1, min(self.workers, free // per_worker)))
         if self.opts.workers is not None and affordable < self.opts.workers:
             log.warning(
-                "merge into %s: %d files at once (workers=%d) would not fit the %.0f MB "
-                "process budget; processing %d at once",
+                "merge into %s: workers=%d would not fit the %.0f MB process budget; "
+                "processing %d files at once",
                 self.target,
-                self.opts.workers,
                 self.opts.workers,
                 budget_mb,
                 affordable,

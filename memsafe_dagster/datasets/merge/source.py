@@ -118,11 +118,10 @@ def open_source(
             fs, path = filesystem, filesystem._strip_protocol(os.fspath(data))
         else:
             fs, path = resolve_filesystem(data, storage_options=storage_options)
-        if not fs.exists(path):
-            raise ValueError(f"source {os.fspath(data)!r} does not exist")
         files = tuple(list_data_files(fs, path))
         if not files:
-            raise ValueError(f"source {os.fspath(data)!r} holds no Parquet files")
+            what = "holds no Parquet files" if fs.exists(path) else "does not exist"
+            raise ValueError(f"source {os.fspath(data)!r} {what}")
         afs = arrow_filesystem(fs)
         total = 0
         schema = None
