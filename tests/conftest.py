@@ -41,3 +41,14 @@ def where(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Where]:
     fs.makedirs(root, exist_ok=True)
     yield Where(fs, root, f"memory://{root}")
     fs.rm(root, recursive=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many merges the sequence tests checked against their oracle."""
+    module = sys.modules.get("test_merge_sequences")
+    counts = getattr(module, "MERGES_CHECKED", None)
+    if counts:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        terminalreporter.write_line(
+            f"merge sequences: {sum(counts.values())} merges checked against the oracle ({detail})"
+        )

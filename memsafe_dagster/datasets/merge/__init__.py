@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from memsafe_dagster.datasets.merge.api import merge_dataset
 from memsafe_dagster.datasets.merge.keys import DuplicateKeyError
-from memsafe_dagster.datasets.merge.options import STRATEGIES, MergeOptions
+from memsafe_dagster.datasets.merge.options import MergeOptions
 from memsafe_dagster.datasets.merge.result import MergeResult
+from memsafe_dagster.datasets.merge.strategy import STRATEGIES
 
 __all__ = ["STRATEGIES", "DuplicateKeyError", "MergeOptions", "MergeResult", "merge_dataset"]

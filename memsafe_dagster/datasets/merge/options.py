@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-STRATEGIES = ("insert", "update", "upsert", "delete", "full_merge")
 DUPLICATE_POLICIES = ("error", "first", "last")
 MEMORY_POOLS = ("auto", "default", "jemalloc", "mimalloc", "system")
 MISSING_COLUMN_POLICIES = ("error", "null")

@@ -16,6 +16,7 @@ from memsafe_dagster.datasets.merge.plan import TargetFile, aligned_batch_rows
 from memsafe_dagster.datasets.merge.sink import OutputSink
 from memsafe_dagster.datasets.merge.source import MergeSource
 from memsafe_dagster.datasets.merge.state import BitSet, EngineState, Ingested
+from memsafe_dagster.datasets.merge.strategy import RULES
 from memsafe_dagster.datasets.merge.validate import SourceConformer, conform_target_table
 
 # Survivors of a rewritten file below target_file_rows / 8 join the new-rows files instead of
@@ -39,40 +40,29 @@ class WritePhase(EngineState):
         sinks: list[OutputSink],
     ) -> None:
         files = self.dataset.files
-        strategy = self.strategy
+        rule = RULES[self.strategy]
         n_src = state.rows
-        empties_target = strategy == "full_merge" and n_src == 0 and self.dataset.rows
+        empties_target = not rule.keeps_unmatched_target and n_src == 0 and self.dataset.rows
         if empties_target and not self.opts.allow_empty_source:
             raise ValueError(
-                f"full_merge with an empty source would delete all {self.dataset.rows:,} "
+                f"{self.strategy} with an empty source would delete all {self.dataset.rows:,} "
                 "rows of the target; pass allow_empty_source=True if that is intended"
             )
         n_matched_src = matched_src.count()
-        n_dropped = dropped_src.count()
+        n_new_src = n_src - n_matched_src - dropped_src.count()
         matched_target = sum(f.matched for f in files)
-        if strategy in ("upsert", "full_merge"):
-            source_rows_out = n_src - n_dropped
-        elif strategy == "insert":
-            source_rows_out = n_src - n_matched_src - n_dropped
-        elif strategy == "update":
-            source_rows_out = n_matched_src
-        else:
-            source_rows_out = 0
-        if strategy in ("upsert", "full_merge", "insert"):
-            self.result.inserted = n_src - n_matched_src - n_dropped
-        if strategy in ("upsert", "update", "full_merge"):
-            self.result.updated = matched_target
-        if strategy == "delete":
-            self.result.deleted = matched_target
-        elif strategy == "full_merge":
-            self.result.deleted = self.dataset.rows - matched_target
+        source_rows_out = rule.source_rows_out(source_new=n_new_src, source_matched=n_matched_src)
+        r = self.result
+        r.inserted, r.updated, r.deleted = rule.counts(
+            source_new=n_new_src, matched_target=matched_target, target_rows=self.dataset.rows
+        )
 
-        if strategy == "full_merge":
+        if not rule.keeps_unmatched_target:
             replaced = list(files)
-        elif strategy == "insert":
-            replaced = []
-        else:
+        elif rule.drops_matched_target:
             replaced = [f for f in files if f.matched]
+        else:
+            replaced = []
         replaced_paths = {f.path for f in replaced}
         compact: list[TargetFile] = []
         if self.opts.compact_small_files and source_rows_out:
@@ -89,7 +79,7 @@ class WritePhase(EngineState):
         self.result.files_rewritten = len(replaced)
         self.result.files_compacted = len(compact)
 
-        rewrite_rows = sum(f.rows for f in replaced if strategy != "full_merge")
+        rewrite_rows = sum(f.rows for f in replaced if rule.keeps_unmatched_target)
         rewrite_rows += sum(f.rows for f in compact)
         write_rows = 0 if direct else max(0, source_rows_out - self._source_written)
         self.guard.set_total(self.guard.done + rewrite_rows + write_rows)
@@ -98,7 +88,7 @@ class WritePhase(EngineState):
         tasks: list[tuple[int, Callable[[], None]]] = []
         # A source read again is validated as it is written: every row, even those the
         # strategy leaves out (and even when it leaves out all of them).
-        validate_later = state.row_spool is None and source.rereadable and strategy != "delete"
+        validate_later = state.row_spool is None and source.rereadable and rule.writes_source
         if self._early_write is None and not direct and (source_rows_out or validate_later):
             tasks.append(
                 (
@@ -108,7 +98,7 @@ class WritePhase(EngineState):
                     ),
                 )
             )
-        if strategy != "full_merge":
+        if rule.keeps_unmatched_target:
             for f in replaced:
                 survivors = f.rows - f.matched
                 if survivors == 0:
@@ -145,7 +135,8 @@ class WritePhase(EngineState):
                 self._early_write.result()
 
     def _rewrite(self, f: TargetFile, sink: OutputSink, *, own: bool) -> None:
-        """Copy ``f``'s unmatched rows into ``sink``, a chunk at a time."""
+        """Copy the rows of ``f`` that the strategy keeps into ``sink``, a chunk at a time."""
+        rule = RULES[self.strategy]
         with self.guard.slot(), self.afs.open_input_file(f.path) as fh:
             pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
             offset = 0
@@ -159,11 +150,11 @@ class WritePhase(EngineState):
                 self.guard.check("rewrite")
                 n = batch.num_rows
                 table = pa.Table.from_batches([batch])
-                mask = f.matched_mask(offset, offset + n)
+                kept = rule.target_rows_kept(f.matched_mask(offset, offset + n))
                 offset += n
-                if mask.any():
+                if not kept.all():
                     # take() by index is several times cheaper than filter() by mask here.
-                    table = take_rows(table, np.flatnonzero(~mask))
+                    table = take_rows(table, np.flatnonzero(kept))
                 sink.write(conform_target_table(table, self.schema, f.path))
                 self.guard.advance(n)
             if own:
@@ -179,6 +170,7 @@ class WritePhase(EngineState):
         dropped_src: BitSet,
         sink: OutputSink,
     ) -> None:
+        rule = RULES[self.strategy]
         with self.guard.slot():
             if state.row_spool is not None:
                 chunks = (pa.Table.from_batches([b]) for b in state.row_spool.read())
@@ -194,11 +186,9 @@ class WritePhase(EngineState):
                 n = chunk.num_rows
                 if n == 0:
                     continue
-                keep = ~dropped_src.slice(pos, pos + n)
-                if self.strategy == "insert":
-                    keep &= ~matched_src.slice(pos, pos + n)
-                elif self.strategy == "update":
-                    keep &= matched_src.slice(pos, pos + n)
+                keep = rule.source_rows_written(
+                    matched_src.slice(pos, pos + n), dropped_src.slice(pos, pos + n)
+                )
                 pos += n
                 table = conformer.conform(chunk) if conform else chunk
                 if not keep.any():

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from memsafe_dagster.datasets.merge.options import DUPLICATE_POLICIES, STRATEGIES
+from memsafe_dagster.datasets.merge.options import DUPLICATE_POLICIES
+from memsafe_dagster.datasets.merge.strategy import STRATEGIES
 
 
 def check_strategy(strategy: object) -> str:
