@@ -156,6 +156,7 @@ class MergeEngine(IngestPhase, MatchPhase, WritePhase):
             fill_missing=self.opts.missing_columns == "null",
         )
         self.schema = schema
+        self.result.schema = schema
         self.dataset = dataset
         self.codec = KeyCodec(schema, self.keys)
         self.result.target_count_before = dataset.rows

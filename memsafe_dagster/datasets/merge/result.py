@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+import pyarrow as pa
 
 from memsafe_dagster.memory import MemoryPressureLevel
 
@@ -20,7 +22,9 @@ class MergeResult:
     full_merge) and were replaced; ``files_compacted`` small files from earlier merges were
     folded into this merge's new files; ``files_removed`` is every file the commit deleted,
     ``files_added`` every file it published, ``files_untouched`` the target files left as
-    they are (most of them never read past their footer).
+    they are (most of them never read past their footer). ``schema`` is the target's schema
+    after the merge (None when there is no target and nothing was written), so a caller needs
+    to re-read nothing after the commit.
     """
 
     strategy: str
@@ -47,6 +51,7 @@ class MergeResult:
     committed: bool = False
     txn: str | None = None
     phases_s: dict[str, float] = field(default_factory=dict)
+    schema: pa.Schema | None = field(default=None, compare=False)
 
     @property
     def changed(self) -> bool:
@@ -55,7 +60,8 @@ class MergeResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON types (pressure as its value, times rounded)."""
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["schema"] = None if self.schema is None else {f.name: str(f.type) for f in self.schema}
         out["max_pressure"] = self.max_pressure.value
         out["duration_s"] = round(self.duration_s, 4)
         out["peak_rss_mb"] = round(self.peak_rss_mb, 2)
