@@ -5,7 +5,7 @@ import pytest
 from stream_helpers import SCHEMA, ids_of, table
 
 from memsafe_dagster.datasets import ChunkStream
-from memsafe_dagster.datasets.stream import is_lossless_cast
+from memsafe_dagster.datasets.schema import is_lossless_cast
 
 
 def batches(sizes: list[int]) -> list[pa.RecordBatch]:

@@ -10,10 +10,9 @@ from typing import Any
 
 from memsafe_dagster.datasets.commit import DatasetLockedError
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
+from memsafe_dagster.datasets.merge import STRATEGIES
 from memsafe_dagster.memory import detect_memory_limits, parse_memory_size
 from memsafe_dagster.memory.sizes import MiB
-
-STRATEGIES = ("insert", "update", "upsert", "delete", "full_merge")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import fsspec
@@ -31,18 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from memsafe_dagster.checks import non_negative_seconds, positive_int, positive_number
 from memsafe_dagster.datasets.adaptive import attach_monitor
-from memsafe_dagster.datasets.filesystem import arrow_filesystem, resolve_filesystem
+from memsafe_dagster.datasets.source import tabular_source
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.memory import MemoryMonitor
 
 if TYPE_CHECKING:
-    # Imported where used: pyarrow.dataset loads pandas when it is installed (~50 MB, 0.3 s),
-    # which a merge or a write through this package does not need.
     import pyarrow.dataset as ds
 
-BATCH_READAHEAD = 2
-FRAGMENT_READAHEAD = 2
 # A pressure check costs tens of microseconds; a 50k-row chunk of a fast scan, a few hundred.
 # After a NORMAL reading the next check waits this long (any other level: every chunk).
 DEFAULT_CHECK_INTERVAL_S = 0.005
@@ -54,12 +51,6 @@ Source: TypeAlias = (
     "str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | ds.Dataset | pa.Table"
     " | pa.RecordBatch | pa.RecordBatchReader | ChunkStream | Iterable[pa.RecordBatch | pa.Table]"
 )
-
-
-def is_dataset(obj: object) -> bool:
-    """True for a ``pyarrow.dataset.Dataset``, without importing pyarrow.dataset."""
-    module = sys.modules.get("pyarrow._dataset")
-    return module is not None and isinstance(obj, module.Dataset)
 
 
 def process_in_chunks(
@@ -93,11 +84,8 @@ def process_in_chunks(
     without a filter, by a bounded counting pass over the filter's columns with one (always
     for a ``pa.Table`` without a filter); otherwise it is None.
     """
-    chunk_size_rows = _positive_int("chunk_size_rows", chunk_size_rows)
-    if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)):
-        raise ValueError(f"max_memory_mb must be a positive number, got {max_memory_mb!r}")
-    if max_memory_mb <= 0:
-        raise ValueError(f"max_memory_mb must be a positive number, got {max_memory_mb!r}")
+    chunk_size_rows = positive_int("chunk_size_rows", chunk_size_rows)
+    positive_number("max_memory_mb", max_memory_mb)
     columns = _validate_columns(columns)
     if filter is not None and not isinstance(filter, pc.Expression):
         raise ValueError(
@@ -106,22 +94,24 @@ def process_in_chunks(
         )
     if progress_callback is not None and not callable(progress_callback):
         raise ValueError("progress_callback must be callable(rows_done, total_rows)")
-    if isinstance(check_interval_s, bool) or check_interval_s < 0:
-        raise ValueError(f"check_interval_s must be >= 0 seconds, got {check_interval_s!r}")
+    non_negative_seconds("check_interval_s", check_interval_s)
 
     show_bar = bool(enable_progress) and _stderr_is_terminal()
     want_total = show_bar or progress_callback is not None
-    stream = _open(
+    source = tabular_source(
         dataset,
-        chunk_size_rows=chunk_size_rows,
-        columns=columns,
-        filter=filter,
         filesystem=filesystem,
         storage_options=storage_options,
         format=format,
         partitioning=partitioning,
-        want_total=want_total,
+        scan_paths=True,
+        chunk_rows=chunk_size_rows,
+        what="dataset",
     )
+    stream = source.stream(chunk_size_rows, columns=columns, filter=filter)
+    if want_total:
+        # Counting reads every footer once more (a GET per file on object stores).
+        stream.total_rows = source.count_rows(filter, batch_rows=chunk_size_rows)
     monitor = memory_monitor if memory_monitor is not None else default_monitor(max_memory_mb)
     attach_monitor(stream, monitor, adaptive=adaptive, min_check_interval_s=check_interval_s)
     if want_total:
@@ -141,240 +131,6 @@ def default_monitor(max_memory_mb: float) -> MemoryMonitor:
     )
 
 
-def open_dataset(
-    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | ds.Dataset,
-    *,
-    filesystem: fsspec.AbstractFileSystem | pafs.FileSystem | None = None,
-    storage_options: dict[str, Any] | None = None,
-    format: str = "parquet",
-    partitioning: Any = None,
-) -> ds.Dataset:
-    """A ``pyarrow.dataset.Dataset`` for a path, URL or list of them (hidden paths skipped)."""
-    import pyarrow.dataset as ds
-
-    if is_dataset(source):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        fs, path = resolve_filesystem(source, filesystem, storage_options)
-        target: str | list[str] = path
-    else:
-        paths = list(source)
-        if not paths or not all(isinstance(p, (str, os.PathLike)) for p in paths):
-            raise ValueError("dataset: a list source must be a non-empty list of paths")
-        fs, first = resolve_filesystem(paths[0], filesystem, storage_options)
-        target = [first] + [fs._strip_protocol(os.fspath(p)) for p in paths[1:]]
-    return ds.dataset(
-        target, filesystem=arrow_filesystem(fs), format=format, partitioning=partitioning
-    )
-
-
-# -- sources ----------------------------------------------------------------------------------
-
-
-def _open(
-    source: Any,
-    *,
-    chunk_size_rows: int,
-    columns: list[str] | None,
-    filter: pc.Expression | None,
-    filesystem: Any,
-    storage_options: dict[str, Any] | None,
-    format: str,
-    partitioning: Any,
-    want_total: bool,
-) -> ChunkStream:
-    batch_rows = chunk_size_rows  # the scanner's batch size (see the module docstring)
-    if isinstance(source, ChunkStream):
-        if source.consumed:
-            raise ValueError(
-                "dataset: this ChunkStream was already iterated (streams are single-pass)"
-            )
-        source.chunk_size_rows = chunk_size_rows
-        if columns is None and filter is None:
-            return source
-        schema = _checked_schema(source.schema, columns, filter)
-        total = source.total_rows if filter is None else None
-        return ChunkStream(
-            _in_stream(source, columns, filter),
-            schema,
-            chunk_size_rows=chunk_size_rows,
-            total_rows=total,
-            on_close=source.close,
-        )
-    if isinstance(source, pa.RecordBatch):
-        source = pa.Table.from_batches([source])
-    if isinstance(source, pa.Table):
-        schema = _checked_schema(source.schema, columns, filter)
-        if filter is None:
-            total: int | None = source.num_rows
-        elif want_total:
-            import pyarrow.dataset as ds
-
-            total = ds.dataset(source).count_rows(filter=filter)
-        else:
-            total = None
-        return ChunkStream(
-            _in_stream(source.to_batches(max_chunksize=batch_rows), columns, filter),
-            schema,
-            chunk_size_rows=chunk_size_rows,
-            total_rows=total,
-        )
-    if isinstance(source, pa.RecordBatchReader):
-        schema = _checked_schema(source.schema, columns, filter)
-        return ChunkStream(
-            _read_reader(source, columns, filter),
-            schema,
-            chunk_size_rows=chunk_size_rows,
-        )
-    if isinstance(source, (str, os.PathLike)) or is_dataset(source) or _is_path_list(source):
-        dataset = open_dataset(
-            source,
-            filesystem=filesystem,
-            storage_options=storage_options,
-            format=format,
-            partitioning=partitioning,
-        )
-        return _scan_stream(dataset, chunk_size_rows, batch_rows, columns, filter, want_total)
-    if isinstance(source, Iterable) and not isinstance(source, (bytes, dict)):
-        inner = ChunkStream.from_batches(source, chunk_size_rows=chunk_size_rows)
-        if columns is None and filter is None:
-            return inner
-        schema = _checked_schema(inner.schema, columns, filter)
-        return ChunkStream(
-            _in_stream(inner, columns, filter),
-            schema,
-            chunk_size_rows=chunk_size_rows,
-            on_close=inner.close,
-        )
-    raise ValueError(
-        "dataset must be a path or URL, a list of paths, a pyarrow.dataset.Dataset, a pa.Table, "
-        f"a RecordBatchReader, a ChunkStream or an iterable of batches; got {type(source).__name__}"
-    )
-
-
-def _scan_stream(
-    dataset: ds.Dataset,
-    chunk_size_rows: int,
-    batch_rows: int,
-    columns: list[str] | None,
-    filter: pc.Expression | None,
-    want_total: bool,
-) -> ChunkStream:
-    _checked_schema(dataset.schema, columns, filter)
-    options = fragment_scan_options(dataset)
-    try:
-        # Building the scanner binds columns and filter to the schema (no I/O yet).
-        scanner = dataset.scanner(
-            columns=columns,
-            filter=filter,
-            batch_size=batch_rows,
-            batch_readahead=BATCH_READAHEAD,
-            fragment_readahead=FRAGMENT_READAHEAD,
-            fragment_scan_options=options,
-            use_threads=True,
-            cache_metadata=False,
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-        what = "filter" if filter is not None else "columns"
-        raise ValueError(f"{what}: {exc}") from None
-    total = _total_rows(dataset, filter, batch_rows, options, want_total)
-    return ChunkStream(
-        _scan(scanner), scanner.projected_schema, chunk_size_rows=chunk_size_rows, total_rows=total
-    )
-
-
-def _scan(scanner: ds.Scanner) -> Iterator[pa.RecordBatch]:
-    reader = scanner.to_reader()
-    try:
-        yield from reader
-    finally:
-        reader.close()
-
-
-def fragment_scan_options(dataset: ds.Dataset) -> ds.FragmentScanOptions | None:
-    """Local Parquet: no pre-buffering (it only pays off on high-latency stores, and it holds
-    whole row groups of column chunks; measured on local disk: less memory, same speed)."""
-    import pyarrow.dataset as ds
-
-    fmt = getattr(dataset, "format", None)
-    if isinstance(fmt, ds.ParquetFileFormat) and isinstance(
-        getattr(dataset, "filesystem", None), pafs.LocalFileSystem
-    ):
-        return ds.ParquetFragmentScanOptions(pre_buffer=False)
-    return None
-
-
-def _total_rows(
-    dataset: ds.Dataset,
-    filter: pc.Expression | None,
-    batch_rows: int,
-    options: ds.FragmentScanOptions | None,
-    want_total: bool,
-) -> int | None:
-    if not want_total:
-        return None  # footers would be read twice (a GET per file on object stores)
-    import pyarrow.dataset as ds
-
-    metadata_only = isinstance(dataset, ds.InMemoryDataset) or isinstance(
-        getattr(dataset, "format", None), ds.ParquetFileFormat
-    )
-    if filter is None and not metadata_only:
-        return None  # CSV, JSON: counting is a full scan
-    return dataset.count_rows(
-        filter=filter,
-        batch_size=batch_rows,
-        batch_readahead=BATCH_READAHEAD,
-        fragment_readahead=FRAGMENT_READAHEAD,
-        fragment_scan_options=options,
-        cache_metadata=False,
-    )
-
-
-def _read_reader(
-    reader: pa.RecordBatchReader,
-    columns: list[str] | None,
-    filter: pc.Expression | None,
-) -> Iterator[pa.RecordBatch | pa.Table]:
-    try:
-        yield from _in_stream(reader, columns, filter)
-    finally:
-        reader.close()
-
-
-def _in_stream(
-    items: Iterable[pa.RecordBatch | pa.Table],
-    columns: list[str] | None,
-    filter: pc.Expression | None,
-) -> Iterator[pa.RecordBatch | pa.Table]:
-    """Filter, then project, batch by batch (the filter may use columns not projected)."""
-    for item in items:
-        if filter is not None:
-            item = item.filter(filter)
-        if columns is not None:
-            item = item.select(columns)
-        yield item
-
-
-def _checked_schema(
-    schema: pa.Schema,
-    columns: list[str] | None,
-    filter: pc.Expression | None,
-) -> pa.Schema:
-    """The projected schema; a ValueError naming the column or the filter's problem."""
-    if columns is not None:
-        missing = [c for c in columns if schema.get_field_index(c) < 0]
-        if missing:
-            raise ValueError(f"columns: {missing} not in the data (it has {schema.names})")
-    if filter is not None:
-        try:
-            schema.empty_table().filter(filter)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            raise ValueError(f"filter: {exc}") from None
-    if columns is None:
-        return schema
-    return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
-
-
 def _validate_columns(columns: Sequence[str] | None) -> list[str] | None:
     if columns is None:
         return None
@@ -384,20 +140,6 @@ def _validate_columns(columns: Sequence[str] | None) -> list[str] | None:
     if not columns:
         raise ValueError("columns must name at least one column (None reads them all)")
     return columns
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _is_path_list(source: object) -> bool:
-    return (
-        isinstance(source, (list, tuple))
-        and bool(source)
-        and all(isinstance(p, (str, os.PathLike)) for p in source)
-    )
 
 
 # -- progress ---------------------------------------------------------------------------------

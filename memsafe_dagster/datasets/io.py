@@ -18,14 +18,18 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from memsafe_dagster.datasets import commit
-from memsafe_dagster.datasets.chunks import (
+from memsafe_dagster.datasets.chunks import process_in_chunks
+from memsafe_dagster.datasets.filesystem import resolve_filesystem
+from memsafe_dagster.datasets.source import (
     BATCH_READAHEAD,
     FRAGMENT_READAHEAD,
+    PATHS,
+    STREAM,
+    TABLE,
     fragment_scan_options,
     open_dataset,
-    process_in_chunks,
+    require_tabular,
 )
-from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.datasets.writer import WRITE_MODES, ChunkedParquetWriter, WriteResult
 from memsafe_dagster.memory import MemoryMonitor
@@ -204,6 +208,7 @@ class PyarrowDatasetIO:
         """
         if mode not in WRITE_MODES:
             raise ValueError(f"mode must be one of {WRITE_MODES}, got {mode!r}")
+        kind = require_tabular(data, "data")
         fs, target = self.resolve(path)
         writer = ChunkedParquetWriter.to_dataset(
             target,
@@ -218,13 +223,13 @@ class PyarrowDatasetIO:
             lock_timeout_s=lock_timeout_s,
         )
         with writer:
-            if isinstance(data, (pa.Table, pa.RecordBatch)):
-                writer.write(data)
-            elif isinstance(data, ChunkStream) and memory_monitor is None:
-                writer.write_stream(data)
+            if kind == TABLE:
+                writer.write(data)  # type: ignore[arg-type]
+            elif kind == STREAM and memory_monitor is None:
+                writer.write_stream(data)  # type: ignore[arg-type]
             else:
-                if isinstance(data, (str, os.PathLike)):
-                    data = self.dataset(data)
+                if kind == PATHS:
+                    data = self.dataset(data)  # type: ignore[arg-type]
                 writer.write_stream(
                     process_in_chunks(
                         data,

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import pyarrow as pa
 
+from memsafe_dagster.datasets.schema import conform_batch, record_batches
 from memsafe_dagster.memory import MemoryPressureLevel
 
 Hook = Callable[["ChunkStream"], None]
@@ -106,24 +107,25 @@ class ChunkStream(Iterator[pa.Table]):
     ) -> ChunkStream:
         """Wrap any iterable or generator of batches or tables lazily, re-chunked.
 
-        A ``pa.Table`` or ``RecordBatchReader`` is accepted too (its schema is used). Nothing
-        is pulled from ``batches`` until the stream is iterated or its schema is asked for.
+        Anything else ``datasets.source`` accepts works too (a ``pa.Table`` or
+        ``RecordBatchReader`` brings its schema and a table its row count). Nothing is pulled
+        from an iterable until the stream is iterated or its schema is asked for. A
+        ChunkStream of the same schema is returned itself, at ``chunk_size_rows``.
         """
         if isinstance(batches, ChunkStream) and (schema is None or schema.equals(batches.schema)):
             batches.chunk_size_rows = chunk_size_rows
             return batches
-        if isinstance(batches, pa.Table):
-            return cls(
-                batches.to_batches(),
-                schema or batches.schema,
-                chunk_size_rows=chunk_size_rows,
-                total_rows=batches.num_rows,
-            )
-        if isinstance(batches, pa.RecordBatch):
-            batches = [batches]
-        if isinstance(batches, pa.RecordBatchReader):
-            schema = schema or batches.schema
-        return cls(batches, schema, chunk_size_rows=chunk_size_rows, total_rows=total_rows)
+        # datasets.source builds on this module, so it is imported when first needed.
+        from memsafe_dagster.datasets.source import tabular_source
+
+        source = tabular_source(batches, chunk_rows=chunk_size_rows, what="from_batches()")
+        return cls(
+            source.chunks(),
+            schema or source.known_schema,
+            chunk_size_rows=chunk_size_rows,
+            total_rows=source.total_rows if total_rows is None else total_rows,
+            on_close=source.close,
+        )
 
     # -- properties -----------------------------------------------------------------------
 
@@ -311,128 +313,3 @@ class ChunkStream(Iterator[pa.Table]):
             f"ChunkStream(chunk_size_rows={self._chunk_size_rows}, "
             f"chunks={self.stats.chunks}, rows={self.stats.rows}, {state})"
         )
-
-
-def record_batches(item: object) -> list[pa.RecordBatch] | None:
-    """The batches of a ``pa.Table`` or ``pa.RecordBatch`` (zero-copy); None for anything else."""
-    if isinstance(item, pa.Table):
-        return item.to_batches()
-    if isinstance(item, pa.RecordBatch):
-        return [item]
-    return None
-
-
-def conform_batch(
-    batch: pa.RecordBatch, schema: pa.Schema, what: str = "the stream"
-) -> pa.RecordBatch:
-    """``batch`` in ``schema``'s column order and types, or a ValueError naming the column.
-
-    Only lossless casts are made (see ``is_lossless_cast``; values are checked too, so an
-    int64 holding 2**40 does not become int32); a non-nullable column must hold no nulls.
-    """
-    names = set(batch.schema.names)
-    missing = [f.name for f in schema if f.name not in names]
-    extra = [n for n in batch.schema.names if schema.get_field_index(n) < 0]
-    if missing or extra:
-        raise ValueError(
-            f"chunk does not match {what} schema: "
-            + "; ".join(
-                part
-                for part in (
-                    f"missing column(s) {missing}" if missing else "",
-                    f"unexpected column(s) {extra}" if extra else "",
-                )
-                if part
-            )
-        )
-    arrays = []
-    for target in schema:
-        column = batch.column(target.name)
-        if column.type != target.type:
-            if not is_lossless_cast(column.type, target.type):
-                raise ValueError(
-                    f"column {target.name!r}: {column.type} does not cast losslessly to "
-                    f"{what} type {target.type}"
-                )
-            try:
-                column = column.cast(target.type, safe=True)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise ValueError(
-                    f"column {target.name!r}: cannot cast {column.type} to {what} type "
-                    f"{target.type} without loss ({exc})"
-                ) from None
-        if not target.nullable and column.null_count:
-            raise ValueError(
-                f"column {target.name!r}: {column.null_count} null(s) in a column {what} "
-                "schema declares non-nullable"
-            )
-        arrays.append(column)
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-_STRINGS = (pa.types.is_string, pa.types.is_large_string)
-_BINARIES = (pa.types.is_binary, pa.types.is_large_binary)
-_LISTS = (pa.types.is_list, pa.types.is_large_list)
-
-
-def _kind(t: pa.DataType, preds: tuple[Callable[[pa.DataType], bool], ...]) -> bool:
-    return any(p(t) for p in preds) or (
-        preds is _STRINGS and getattr(pa.types, "is_string_view", lambda _t: False)(t)
-    )
-
-
-def is_lossless_cast(src: pa.DataType, dst: pa.DataType) -> bool:
-    """True when every ``src`` value can become a ``dst`` value with nothing lost or reinterpreted.
-
-    Allowed: integer to integer and integer to float (values are range-checked by the cast),
-    float widening, string/binary/list offset widths, dictionary decoding, timestamp, date
-    and time unit changes (values checked), decimal widening, null to anything, and structs,
-    lists and maps whose children cast losslessly. Never: float narrowing, string <-> number,
-    bool <-> number, naive <-> timezone-aware timestamps.
-    """
-    types = pa.types
-    if src.equals(dst) or types.is_null(src):
-        return True
-    if types.is_dictionary(src):
-        return is_lossless_cast(src.value_type, dst)
-    if types.is_dictionary(dst):
-        return is_lossless_cast(src, dst.value_type)
-    if types.is_integer(src):
-        return types.is_integer(dst) or types.is_floating(dst)
-    if types.is_floating(src):
-        return types.is_floating(dst) and dst.bit_width >= src.bit_width
-    if _kind(src, _STRINGS):
-        return _kind(dst, _STRINGS)
-    if _kind(src, _BINARIES):
-        return _kind(dst, _BINARIES)
-    if types.is_timestamp(src):
-        return types.is_timestamp(dst) and (src.tz is None) == (dst.tz is None)
-    if types.is_date(src):
-        return types.is_date(dst)
-    if types.is_time(src):
-        return types.is_time(dst)
-    if types.is_duration(src):
-        return types.is_duration(dst)
-    if types.is_decimal(src):
-        return (
-            types.is_decimal(dst)
-            and dst.scale >= src.scale
-            and dst.precision - dst.scale >= src.precision - src.scale
-        )
-    if _kind(src, _LISTS):
-        return _kind(dst, _LISTS) and is_lossless_cast(src.value_type, dst.value_type)
-    if types.is_struct(src):
-        if not types.is_struct(dst) or src.num_fields != dst.num_fields:
-            return False
-        return all(
-            src.field(i).name == dst.field(i).name
-            and is_lossless_cast(src.field(i).type, dst.field(i).type)
-            for i in range(src.num_fields)
-        )
-    if types.is_map(src):
-        return (
-            types.is_map(dst)
-            and is_lossless_cast(src.key_type, dst.key_type)
-            and is_lossless_cast(src.item_type, dst.item_type)
-        )
-    return False

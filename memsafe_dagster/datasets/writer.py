@@ -8,7 +8,8 @@ without closing) leaves no partial file behind.
 
 Row groups hold exactly ``row_group_size`` rows whatever the sizes of the incoming chunks (the
 last one of a file may be smaller): rows are buffered up to one row group, so memory is bounded
-by ``row_group_size`` plus one incoming chunk.
+by ``row_group_size`` plus one incoming chunk. The files are written by ``sink.OutputSink``,
+the sink the merge writes through too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import posixpath
 import time
 import uuid
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from memsafe_dagster.checks import optional_positive_int
 from memsafe_dagster.datasets.commit import DatasetTransaction
 from memsafe_dagster.datasets.filesystem import (
     arrow_filesystem,
@@ -36,20 +37,20 @@ from memsafe_dagster.datasets.filesystem import (
     list_data_files,
     resolve_filesystem,
 )
-from memsafe_dagster.datasets.stream import ChunkStream, conform_batch, record_batches
+from memsafe_dagster.datasets.parquet import check_compression
+from memsafe_dagster.datasets.schema import conform_batch, record_batches
+from memsafe_dagster.datasets.sink import OutputSink, SettingsProvider, WrittenFile
+from memsafe_dagster.datasets.source import (
+    BATCHES,
+    READER,
+    STREAM,
+    TABLE,
+    tabular_kind,
+    tabular_source,
+)
+from memsafe_dagster.datasets.stream import ChunkStream
 
-CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 WRITE_MODES = ("append", "overwrite")
-
-
-@dataclass
-class WrittenFile:
-    """One published (or staged) Parquet file."""
-
-    path: str
-    rows: int
-    bytes: int
-    row_groups: int
 
 
 @dataclass
@@ -85,178 +86,11 @@ class WriteResult:
         }
 
 
-def check_compression(compression: str | None, compression_level: int | None) -> str:
-    """The normalised codec name, or a ValueError naming the bad parameter."""
-    codec = "none" if compression is None else compression
-    if not isinstance(codec, str) or codec.lower() not in (*CODECS, "uncompressed"):
-        raise ValueError(f"compression must be one of {', '.join(CODECS)} or None, got {codec!r}")
-    codec = "none" if codec.lower() == "uncompressed" else codec.lower()
-    if codec != "none" and not pa.Codec.is_available(codec):
-        raise ValueError(f"compression {codec!r} is not available in this PyArrow build")
-    if compression_level is not None:
-        if isinstance(compression_level, bool) or not isinstance(compression_level, int):
-            raise ValueError(f"compression_level must be an integer, got {compression_level!r}")
-        if codec in ("none", "snappy", "lz4"):
-            raise ValueError(f"compression {codec!r} takes no compression_level")
-        try:
-            pa.Codec(codec, compression_level=compression_level)
-        except (ValueError, pa.ArrowInvalid) as exc:
-            raise ValueError(f"compression_level {compression_level} for {codec}: {exc}") from None
-    return codec
-
-
-def _optional_positive(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    return value
-
-
-class _ParquetSink:
-    """Writes conformed batches into files from ``next_path()``: exact row groups, rolling."""
-
-    def __init__(
-        self,
-        fs: fsspec.AbstractFileSystem,
-        next_path: Callable[[], str],
-        schema: pa.Schema,
-        *,
-        compression: str,
-        compression_level: int | None,
-        row_group_size: int | None,
-        max_rows_per_file: int | None,
-        parquet_options: Mapping[str, Any],
-    ) -> None:
-        self.fs = fs
-        self.arrow_fs = arrow_filesystem(fs)
-        self.next_path = next_path
-        self.schema = schema
-        self.compression = compression
-        self.compression_level = compression_level
-        self.row_group_size = row_group_size
-        self.max_rows_per_file = max_rows_per_file
-        self.parquet_options = dict(parquet_options)
-        self.files: list[WrittenFile] = []
-        self._buffer: deque[pa.RecordBatch] = deque()
-        self._buffered = 0
-        self._out: pa.NativeFile | None = None
-        self._writer: pq.ParquetWriter | None = None
-        self._path: str | None = None
-        self._file_rows = 0
-        self._file_groups = 0
-        self._opened: list[str] = []
-
-    def write(self, batches: list[pa.RecordBatch]) -> None:
-        """Buffer one incoming chunk (all its batches), then write what fills row groups."""
-        for batch in batches:
-            if batch.num_rows:
-                self._buffer.append(batch)
-                self._buffered += batch.num_rows
-        self._drain(final=False)
-
-    def close(self, *, ensure_file: bool = False) -> list[WrittenFile]:
-        self._drain(final=True)
-        if ensure_file and not self.files and self._writer is None:
-            self._open()
-        self._close_file()
-        return self.files
-
-    def abort(self) -> None:
-        """Close quietly and delete every file this sink opened."""
-        with contextlib.suppress(Exception):
-            if self._writer is not None:
-                self._writer.close()
-        with contextlib.suppress(Exception):
-            if self._out is not None:
-                self._out.close()
-        self._writer = self._out = None
-        self._buffer.clear()
-        self._buffered = 0
-        for path in self._opened:
-            with contextlib.suppress(FileNotFoundError, OSError):
-                self.fs.rm_file(path)
-
-    def _room(self) -> int | None:
-        if self.max_rows_per_file is None:
-            return None
-        return self.max_rows_per_file - self._file_rows
-
-    def _drain(self, *, final: bool) -> None:
-        while self._buffered:
-            room = self._room()
-            if self.row_group_size is None:
-                rows = self._buffered if room is None else min(self._buffered, room)
-            else:
-                rows = self.row_group_size if room is None else min(self.row_group_size, room)
-                if self._buffered < rows:
-                    if not final:
-                        return
-                    rows = self._buffered
-            self._write_group(self._take(rows))
-
-    def _take(self, rows: int) -> pa.Table:
-        taken: list[pa.RecordBatch] = []
-        need = rows
-        while need:
-            batch = self._buffer[0]
-            if batch.num_rows <= need:
-                taken.append(self._buffer.popleft())
-                need -= batch.num_rows
-            else:
-                taken.append(batch.slice(0, need))
-                self._buffer[0] = batch.slice(need)
-                need = 0
-        self._buffered -= rows
-        return pa.Table.from_batches(taken, schema=self.schema)
-
-    def _write_group(self, table: pa.Table) -> None:
-        if self._writer is None:
-            self._open()
-        assert self._writer is not None
-        # One call, one row group: the table holds exactly the rows the group must hold.
-        self._writer.write_table(table, row_group_size=table.num_rows)
-        self._file_rows += table.num_rows
-        self._file_groups += 1
-        if self.max_rows_per_file is not None and self._file_rows >= self.max_rows_per_file:
-            self._close_file()
-
-    def _open(self) -> None:
-        path = self.next_path()
-        self._opened.append(path)
-        if isinstance(self.arrow_fs, pafs.LocalFileSystem):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._out = self.arrow_fs.open_output_stream(path)
-        self._path = path
-        self._writer = pq.ParquetWriter(
-            self._out,
-            self.schema,
-            compression=self.compression,
-            compression_level=self.compression_level,
-            **self.parquet_options,
-        )
-        self._file_rows = 0
-        self._file_groups = 0
-
-    def _close_file(self) -> None:
-        if self._writer is None:
-            return
-        assert self._out is not None and self._path is not None
-        self._writer.close()
-        size = self._out.tell()
-        self._out.close()
-        self.files.append(WrittenFile(self._path, self._file_rows, size, self._file_groups))
-        self._writer = self._out = None
-        self._path = None
-        self._file_rows = 0
-        self._file_groups = 0
-
-
 class _Resources:
     """What a writer must release if it is dropped without close (used by its finalizer)."""
 
     def __init__(self) -> None:
-        self.sink: _ParquetSink | None = None
+        self.sink: OutputSink | None = None
         self.txn: DatasetTransaction | None = None
         self.temp: str | None = None
         self.fs: fsspec.AbstractFileSystem | None = None
@@ -276,10 +110,10 @@ class _Resources:
 
 def _temp_file_factory(
     fs: fsspec.AbstractFileSystem, path: str, res: _Resources
-) -> Callable[[], str]:
-    """Opens the hidden temp sibling of ``path`` that a single-file writer writes to."""
+) -> Callable[[str, str], str]:
+    """Names the hidden temp sibling of ``path`` that a single-file writer writes to."""
 
-    def temp_file() -> str:
+    def temp_file(_directory: str, _prefix: str) -> str:
         if res.temp is not None:
             raise RuntimeError("a single-file writer opens one file")
         parent, name = posixpath.split(path)
@@ -392,8 +226,8 @@ class ChunkedParquetWriter:
     ) -> None:
         self.compression = check_compression(compression, compression_level)
         self.compression_level = compression_level
-        self.row_group_size = _optional_positive("row_group_size", row_group_size)
-        self.max_rows_per_file = _optional_positive("max_rows_per_file", max_rows_per_file)
+        self.row_group_size = optional_positive_int("row_group_size", row_group_size)
+        self.max_rows_per_file = optional_positive_int("max_rows_per_file", max_rows_per_file)
         if schema is not None and not isinstance(schema, pa.Schema):
             raise ValueError(f"schema must be a pyarrow.Schema, got {type(schema).__name__}")
         self.fs, self.path = resolve_filesystem(path, filesystem, storage_options)
@@ -464,42 +298,43 @@ class ChunkedParquetWriter:
                 f"ChunkStream, RecordBatchReader or iterable, got {type(data).__name__}"
             )
         sink = self._sink_for(data.schema)
-        target = sink.schema
+        target = sink.settings.schema
         conformed = [
             b if b.schema.equals(target) else conform_batch(b, target, "the writer's")
             for b in batches
         ]
-        sink.write(conformed)
+        sink.write(pa.Table.from_batches(conformed, schema=target))
         self._rows += sum(b.num_rows for b in conformed)
         self._chunks += 1
 
     def write_stream(
         self, source: ChunkStream | pa.RecordBatchReader | pa.Table | Iterable[Any]
     ) -> int:
-        """Write every chunk of a ChunkStream, reader, table or iterable; returns rows written."""
+        """Write every chunk of a ChunkStream, reader, table or iterable of batches as it comes;
+        returns rows written. Paths and datasets are read in bounded memory by
+        ``process_in_chunks``: pass its stream."""
         before = self._rows
-        if isinstance(source, (pa.Table, pa.RecordBatch)):
-            self.write(source)
+        kind = tabular_kind(source)
+        if kind == TABLE:
+            self.write(source)  # type: ignore[arg-type]
             return self._rows - before
-        if isinstance(source, ChunkStream):
-            if self._schema is None and self._dataset_mode != "append":
-                self._sink_for(source.schema)
-            with source:
-                for chunk in source:
-                    self.write(chunk)
-        elif isinstance(source, pa.RecordBatchReader):
-            if self._schema is None and self._dataset_mode != "append":
-                self._sink_for(source.schema)
-            for batch in source:
-                self.write(batch)
-        elif isinstance(source, Iterable):
-            for item in source:
-                self.write(item)
-        else:
-            raise TypeError(f"write_stream() cannot write a {type(source).__name__}")
+        if kind not in (STREAM, READER, BATCHES):
+            raise TypeError(
+                f"write_stream() cannot write a {type(source).__name__}: pass a ChunkStream "
+                "(process_in_chunks reads paths and datasets), a RecordBatchReader, a Table or "
+                "an iterable of batches"
+            )
+        data = tabular_source(source, what="write_stream()")
+        if kind != BATCHES and self._schema is None and self._dataset_mode != "append":
+            self._sink_for(data.schema)  # an empty stream still writes its schema
+        try:
+            for chunk in data.chunks():
+                self.write(chunk)
+        finally:
+            data.close()
         return self._rows - before
 
-    def _sink_for(self, incoming: pa.Schema) -> _ParquetSink:
+    def _sink_for(self, incoming: pa.Schema) -> OutputSink:
         if self._res.sink is not None:
             return self._res.sink
         if self._dataset_mode is not None:
@@ -507,27 +342,31 @@ class ChunkedParquetWriter:
             self._schema = self._dataset_schema(incoming)
             txn = self._res.txn
             assert txn is not None
-            next_path: Callable[[], str] = txn.new_file
             if self._dataset_mode == "replace":
                 counter = iter(range(1 << 30))
 
-                def next_path() -> str:
+                def new_file(_directory: str, _prefix: str) -> str:
                     return txn.new_file(f"part-{next(counter):05d}.parquet")
+
+            else:
+
+                def new_file(_directory: str, prefix: str) -> str:
+                    return txn.new_file(prefix=prefix)
 
         else:
             if self._schema is None:
                 self._schema = incoming
             # No reference back to the writer: its finalizer must be able to collect it.
-            next_path = _temp_file_factory(self.fs, self.path, self._res)
-        self._res.sink = _ParquetSink(
-            self.fs,
-            next_path,
+            new_file = _temp_file_factory(self.fs, self.path, self._res)
+        settings = SettingsProvider(
             self._schema,
+            row_group_size=self.row_group_size,
             compression=self.compression,
             compression_level=self.compression_level,
-            row_group_size=self.row_group_size,
-            max_rows_per_file=self.max_rows_per_file,
             parquet_options=self._parquet_options,
+        )
+        self._res.sink = OutputSink(
+            arrow_filesystem(self.fs), settings, new_file, max_rows=self.max_rows_per_file
         )
         return self._res.sink
 

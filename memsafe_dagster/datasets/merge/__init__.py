@@ -7,7 +7,7 @@ it did. See ``engine`` for the phases and ``options.MergeOptions`` for the tunin
 from __future__ import annotations
 
 from memsafe_dagster.datasets.merge.api import merge_dataset
-from memsafe_dagster.datasets.merge.keys import DuplicateKeyError
+from memsafe_dagster.datasets.merge.index import DuplicateKeyError
 from memsafe_dagster.datasets.merge.options import MergeOptions
 from memsafe_dagster.datasets.merge.result import MergeResult
 from memsafe_dagster.datasets.merge.strategy import STRATEGIES

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from memsafe_dagster.datasets.commit import DatasetTransaction, crash_point
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, is_local, join
+from memsafe_dagster.datasets.keys import KeyCodec, check_key_type
 from memsafe_dagster.datasets.merge.guard import (
     MergeGuard,
     ProgressCallback,
@@ -37,20 +38,17 @@ from memsafe_dagster.datasets.merge.guard import (
     timed,
 )
 from memsafe_dagster.datasets.merge.ingest import IngestPhase
-from memsafe_dagster.datasets.merge.keys import KeyCodec
 from memsafe_dagster.datasets.merge.matching import MatchPhase
 from memsafe_dagster.datasets.merge.options import DEFAULT_ROW_GROUP_SIZE, MergeOptions
 from memsafe_dagster.datasets.merge.plan import TargetDataset, load_target
 from memsafe_dagster.datasets.merge.result import MergeResult
 from memsafe_dagster.datasets.merge.rewrite import WritePhase
-from memsafe_dagster.datasets.merge.sink import OutputSink, SettingsProvider
-from memsafe_dagster.datasets.merge.source import MergeSource, open_source
+from memsafe_dagster.datasets.merge.source import open_source
 from memsafe_dagster.datasets.merge.spill import SpillDir
 from memsafe_dagster.datasets.merge.state import INDEX_BYTES_PER_KEY, BitSet
-from memsafe_dagster.datasets.merge.validate import (
-    SourceConformer,
-    check_key_type,
-)
+from memsafe_dagster.datasets.merge.validate import SourceConformer
+from memsafe_dagster.datasets.sink import OutputSink, SettingsProvider
+from memsafe_dagster.datasets.source import TabularSource as MergeSource
 from memsafe_dagster.memory import MemoryMonitor
 from memsafe_dagster.memory.process import current_rss_bytes
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from memsafe_dagster.datasets.merge.arrays import from_numpy, indices
-from memsafe_dagster.datasets.merge.sink import OutputSink
-from memsafe_dagster.datasets.merge.source import MergeSource
+from memsafe_dagster.datasets.arrays import from_numpy, indices
 from memsafe_dagster.datasets.merge.spill import IpcSpool, SpillDir
 from memsafe_dagster.datasets.merge.state import INDEX_BYTES_PER_KEY, EngineState, Ingested
 from memsafe_dagster.datasets.merge.validate import SourceConformer
+from memsafe_dagster.datasets.sink import OutputSink
+from memsafe_dagster.datasets.source import TabularSource as MergeSource
 
 
 class IngestPhase(EngineState):

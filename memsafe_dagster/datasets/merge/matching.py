@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memsafe_dagster.datasets.merge.arrays import fixed_values, indices
-from memsafe_dagster.datasets.merge.keys import KeyIndex
+from memsafe_dagster.datasets.arrays import fixed_values, indices
+from memsafe_dagster.datasets.merge.index import KeyIndex
 from memsafe_dagster.datasets.merge.plan import TargetFile
 from memsafe_dagster.datasets.merge.spill import IpcSpool, Reservoir
 from memsafe_dagster.datasets.merge.state import INDEX_BYTES_PER_KEY, BitSet, EngineState, Ingested

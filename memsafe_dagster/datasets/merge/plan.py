@@ -19,8 +19,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from memsafe_dagster.datasets.filesystem import list_data_files
-from memsafe_dagster.datasets.merge.keys import exact_code_of, is_exact_type
-from memsafe_dagster.datasets.merge.validate import key_value_type, target_fields_check, type_kind
+from memsafe_dagster.datasets.keys import exact_code_of, is_exact_type, key_value_type
+from memsafe_dagster.datasets.merge.validate import target_fields_check
+from memsafe_dagster.datasets.schema import type_kind
 
 Bound = tuple[object, object] | None
 

@@ -9,15 +9,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from memsafe_dagster.datasets.arrays import take_rows
 from memsafe_dagster.datasets.commit import crash_point
-from memsafe_dagster.datasets.merge.arrays import take_rows
 from memsafe_dagster.datasets.merge.guard import timed
-from memsafe_dagster.datasets.merge.plan import TargetFile, aligned_batch_rows
-from memsafe_dagster.datasets.merge.sink import OutputSink
-from memsafe_dagster.datasets.merge.source import MergeSource
+from memsafe_dagster.datasets.merge.plan import TargetFile
 from memsafe_dagster.datasets.merge.state import BitSet, EngineState, Ingested
 from memsafe_dagster.datasets.merge.strategy import RULES
 from memsafe_dagster.datasets.merge.validate import SourceConformer, conform_target_table
+from memsafe_dagster.datasets.parquet import aligned_batch_rows
+from memsafe_dagster.datasets.sink import OutputSink
+from memsafe_dagster.datasets.source import TabularSource as MergeSource
 
 # Survivors of a rewritten file below target_file_rows / 8 join the new-rows files instead of
 # becoming a small file of their own.

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from memsafe_dagster.datasets.commit import DatasetTransaction
+from memsafe_dagster.datasets.keys import KeyCodec
 from memsafe_dagster.datasets.merge.guard import MergeGuard
-from memsafe_dagster.datasets.merge.keys import KeyCodec
 from memsafe_dagster.datasets.merge.options import MergeOptions
 from memsafe_dagster.datasets.merge.plan import TargetDataset, TargetFile
 from memsafe_dagster.datasets.merge.result import MergeResult
-from memsafe_dagster.datasets.merge.sink import SettingsProvider
 from memsafe_dagster.datasets.merge.spill import IpcSpool, Reservoir
+from memsafe_dagster.datasets.sink import SettingsProvider
 
 # Bytes of memory per source key while the index is built (codes, positions, sort
 # permutation, sorted copies, bitmap, flags); hashed keys add their values twice.

@@ -1,11 +1,11 @@
-"""Validation and schema conformance: every problem is a ValueError naming the column.
+"""The merge's validation: parameters, key columns, and source rows in the target's schema.
 
-The output schema is the target's. Source columns are cast to it when the cast cannot lose
-information (same kind of type, values checked: int32 -> int64, int64 -> int32 when every value
-fits, string -> large_string); a different kind (string -> int, date -> timestamp, naive ->
-tz-aware) is refused, as are unknown extra source columns. A target column the source lacks is
-refused (a replaced row would silently lose its values there) unless the caller asks for nulls
-and the column is nullable.
+Every problem is a ValueError naming the column. The output schema is the target's. Source
+columns are cast to it by ``schema.same_kind`` (any type of the same kind, values checked:
+int32 -> int64, int64 -> int32 when every value fits, string -> large_string); a different
+kind (string -> int, date -> timestamp, naive -> tz-aware) is refused, as are unknown extra
+source columns. A target column the source lacks is refused (a replaced row would silently
+lose its values there) unless the caller asks for nulls and the column is nullable.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from memsafe_dagster.datasets.keys import check_key_type
 from memsafe_dagster.datasets.merge.options import DUPLICATE_POLICIES
 from memsafe_dagster.datasets.merge.strategy import STRATEGIES
+from memsafe_dagster.datasets.schema import cast_column, check_cast
 
 
 def check_strategy(strategy: object) -> str:
@@ -46,65 +47,6 @@ def normalize_key_columns(key_columns: str | Sequence[str] | None) -> tuple[str,
     if len(set(keys)) != len(keys):
         raise ValueError(f"key_columns has a repeated column: {list(keys)}")
     return keys
-
-
-def type_kind(t: pa.DataType) -> str:
-    """A coarse kind; casts are only allowed within one kind."""
-    if pa.types.is_dictionary(t):
-        return type_kind(t.value_type)
-    if pa.types.is_null(t):
-        return "null"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
-        return "number"
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or _is_view(t, "string"):
-        return "string"
-    if (
-        pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-        or pa.types.is_fixed_size_binary(t)
-        or _is_view(t, "binary")
-    ):
-        return "binary"
-    if pa.types.is_timestamp(t):
-        return "timestamp" if t.tz is None else "timestamp-tz"
-    if pa.types.is_date(t):
-        return "date"
-    if pa.types.is_time(t):
-        return "time"
-    if pa.types.is_duration(t):
-        return "duration"
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return "list"
-    if pa.types.is_struct(t):
-        return "struct"
-    if pa.types.is_map(t):
-        return "map"
-    return f"other:{t}"
-
-
-def _is_view(t: pa.DataType, what: str) -> bool:
-    check = getattr(pa.types, f"is_{what}_view", None)
-    return bool(check and check(t))
-
-
-def key_value_type(t: pa.DataType) -> pa.DataType:
-    """The type keys are compared in (dictionary keys by their values)."""
-    return t.value_type if pa.types.is_dictionary(t) else t
-
-
-def check_key_type(column: str, t: pa.DataType, side: str) -> None:
-    """Refuse types that cannot identify a row exactly (floats, nested, null)."""
-    kind = type_kind(t)
-    vt = key_value_type(t)
-    if pa.types.is_floating(vt):
-        raise ValueError(
-            f"key column {column!r} of the {side} is floating point ({t}): float keys cannot be "
-            "matched exactly; use an integer, decimal or string key"
-        )
-    if kind in ("list", "struct", "map", "null") or kind.startswith("other:"):
-        raise ValueError(f"key column {column!r} of the {side} has type {t}, which cannot be a key")
 
 
 def target_fields_check(target: pa.Schema, keys: Sequence[str]) -> None:
@@ -176,16 +118,7 @@ class SourceConformer:
                         "nullable in the target, so it cannot be filled with nulls"
                     )
                 continue
-            src_type = source.field(idx).type
-            if src_type == field.type:
-                continue
-            src_kind, dst_kind = type_kind(src_type), type_kind(field.type)
-            if src_kind != dst_kind and src_kind != "null":
-                raise ValueError(
-                    f"column {field.name!r}: source type {src_type} cannot be cast to the "
-                    f"target's {field.type} without changing its meaning ({src_kind} vs "
-                    f"{dst_kind})"
-                )
+            check_cast(field.name, source.field(idx).type, field.type, lossless=False)
 
     def conform(self, batch: pa.RecordBatch | pa.Table) -> pa.Table:
         """``batch`` as a table in the output schema; ValueError on any row that breaks it."""
@@ -208,9 +141,7 @@ class SourceConformer:
                     )
                 columns.append(pa.nulls(n, field.type))
                 continue
-            column = table.column(idx)
-            if column.type != field.type:
-                column = _cast(column, field)
+            column = cast_column(table.column(idx), field, lossless=False)
             if column.null_count:
                 if field.name in self.keys:
                     raise ValueError(
@@ -224,22 +155,6 @@ class SourceConformer:
                     )
             columns.append(column)
         return pa.Table.from_arrays(columns, schema=self.out_schema)
-
-
-def _cast(column: pa.ChunkedArray, field: pa.Field) -> pa.ChunkedArray:
-    src_kind, dst_kind = type_kind(column.type), type_kind(field.type)
-    if src_kind != dst_kind and src_kind != "null":
-        raise ValueError(
-            f"column {field.name!r}: source type {column.type} cannot be cast to the target's "
-            f"{field.type} without changing its meaning ({src_kind} vs {dst_kind})"
-        )
-    try:
-        return pc.cast(column, field.type, safe=True)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        raise ValueError(
-            f"column {field.name!r}: cannot cast source {column.type} to the target's "
-            f"{field.type} without loss ({exc})"
-        ) from None
 
 
 def conform_target_table(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
@@ -256,11 +171,8 @@ def conform_target_table(table: pa.Table, schema: pa.Schema, where: str) -> pa.T
                 )
             columns.append(pa.nulls(table.num_rows, field.type))
             continue
-        column = table.column(idx)
-        if column.type != field.type:
-            try:
-                column = _cast(column, field)
-            except ValueError as exc:
-                raise ValueError(f"target file {where}: {exc}") from None
-        columns.append(column)
+        try:
+            columns.append(cast_column(table.column(idx), field, lossless=False))
+        except ValueError as exc:
+            raise ValueError(f"target file {where}: {exc}") from None
     return pa.Table.from_arrays(columns, schema=schema)

@@ -1,7 +1,8 @@
-"""NumPy <-> Arrow for the merge's hot paths, zero-copy and without ``pa.array``/``to_numpy``.
+"""NumPy <-> Arrow for hot paths (key codes, row selection), zero-copy, without ``pa.array``.
 
-Those two (and ``pa.scalar``) import pandas on first use when it is installed: 0.4 s and about
-50 MB of RSS, a sixth of the merge's whole budget. Building arrays from buffers avoids it.
+``pa.array``, ``to_numpy`` and ``pa.scalar`` import pandas on first use when it is installed,
+which costs more memory than a small merge budget can spare. Building arrays from buffers, as
+everything here does, never touches it.
 """
 
 from __future__ import annotations
