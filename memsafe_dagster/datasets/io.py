@@ -21,12 +21,10 @@ from memsafe_dagster.datasets import commit
 from memsafe_dagster.datasets.chunks import process_in_chunks
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.source import (
-    BATCH_READAHEAD,
-    FRAGMENT_READAHEAD,
     PATHS,
     STREAM,
     TABLE,
-    fragment_scan_options,
+    bounded_scanner,
     open_dataset,
     require_tabular,
 )
@@ -134,18 +132,7 @@ class PyarrowDatasetIO:
                 raise ValueError(
                     f"columns: {missing} not in the dataset (it has {dataset.schema.names})"
                 )
-        try:
-            # Building the scanner binds columns and filter (no I/O): errors name them.
-            scanner = dataset.scanner(
-                columns=None if columns is None else list(columns),
-                filter=filter,
-                batch_readahead=BATCH_READAHEAD,
-                fragment_readahead=FRAGMENT_READAHEAD,
-                fragment_scan_options=fragment_scan_options(dataset),
-                cache_metadata=False,
-            )
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            raise ValueError(f"filter: {exc}") from None
+        scanner = bounded_scanner(dataset, columns=columns, filter=filter)
         return scanner.to_table()
 
     def stream(

@@ -518,24 +518,11 @@ class _ScanSource(TabularSource):
     def _read(
         self, rows: RowsFn, columns: Columns, filter: Filter
     ) -> tuple[pa.Schema | None, Iterator[pa.Table]]:
-        options: dict[str, Any] = {} if rows is None else {"batch_size": rows()}
-        dataset = self.dataset
-        assert dataset is not None
-        try:
-            # Building the scanner binds columns and filter to the schema (no I/O yet).
-            scanner = dataset.scanner(
-                columns=None if columns is None else list(columns),
-                filter=filter,
-                batch_readahead=BATCH_READAHEAD,
-                fragment_readahead=FRAGMENT_READAHEAD,
-                fragment_scan_options=fragment_scan_options(dataset),
-                use_threads=True,
-                cache_metadata=False,
-                **options,
-            )
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            what = "filter" if filter is not None else "columns"
-            raise ValueError(f"{what}: {exc}") from None
+        assert self.dataset is not None
+        batch_rows = None if rows is None else rows()
+        scanner = bounded_scanner(
+            self.dataset, columns=columns, filter=filter, batch_rows=batch_rows
+        )
         return scanner.projected_schema, _scan(scanner)
 
     def _release(self) -> None:
@@ -655,6 +642,35 @@ def _open_parquet_files(
     if len(paths) > 1:
         description += f" and {len(paths) - 1} more path(s)"
     return _ParquetFilesSource(fs, tuple(files), schema, total, description)
+
+
+def bounded_scanner(
+    dataset: ds.Dataset,
+    *,
+    columns: Sequence[str] | None = None,
+    filter: pc.Expression | None = None,
+    batch_rows: int | None = None,
+) -> ds.Scanner:
+    """A scanner over ``dataset`` within the readahead bounds of the module docstring.
+
+    Building it binds ``columns`` and ``filter`` to the schema (no I/O yet): what they get
+    wrong is a ValueError naming them.
+    """
+    options: dict[str, Any] = {} if batch_rows is None else {"batch_size": batch_rows}
+    try:
+        return dataset.scanner(
+            columns=None if columns is None else list(columns),
+            filter=filter,
+            batch_readahead=BATCH_READAHEAD,
+            fragment_readahead=FRAGMENT_READAHEAD,
+            fragment_scan_options=fragment_scan_options(dataset),
+            use_threads=True,
+            cache_metadata=False,
+            **options,
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        what = "filter" if filter is not None else "columns"
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def fragment_scan_options(dataset: ds.Dataset) -> ds.FragmentScanOptions | None:
