@@ -39,7 +39,6 @@ from memsafe_dagster.datasets.filesystem import (
     resolve_filesystem,
 )
 from memsafe_dagster.datasets.parquet import aligned_batch_rows
-from memsafe_dagster.datasets.schema import record_batches
 from memsafe_dagster.datasets.stream import ChunkStream
 
 if TYPE_CHECKING:
@@ -202,6 +201,7 @@ class TabularSource(ABC):
         self,
         kind: Kind,
         description: str,
+        schema: pa.Schema | None,
         *,
         rereadable: bool,
         total_rows: int | None = None,
@@ -212,13 +212,15 @@ class TabularSource(ABC):
         self.rereadable = rereadable
         self.total_rows = total_rows
         self.files = files
+        self._schema = schema
         self._reads = 0
         self._closed = False
 
     @property
-    @abstractmethod
     def schema(self) -> pa.Schema:
         """The schema (an iterable's is its first item's, read when first asked for)."""
+        assert self._schema is not None
+        return self._schema
 
     @property
     def known_schema(self) -> pa.Schema | None:
@@ -315,13 +317,8 @@ class _TableSource(TabularSource):
     _sized = True
 
     def __init__(self, table: pa.Table) -> None:
-        super().__init__(TABLE, "table", rereadable=True, total_rows=table.num_rows)
+        super().__init__(TABLE, "table", table.schema, rereadable=True, total_rows=table.num_rows)
         self._table: pa.Table | None = table
-        self._schema = table.schema
-
-    @property
-    def schema(self) -> pa.Schema:
-        return self._schema
 
     def count_rows(
         self, filter: pc.Expression | None = None, *, batch_rows: int | None = None
@@ -360,13 +357,8 @@ class _TableSource(TabularSource):
 
 class _ReaderSource(TabularSource):
     def __init__(self, reader: pa.RecordBatchReader) -> None:
-        super().__init__(READER, "RecordBatchReader", rereadable=False)
+        super().__init__(READER, "RecordBatchReader", reader.schema, rereadable=False)
         self._reader: pa.RecordBatchReader | None = reader
-        self._schema = reader.schema
-
-    @property
-    def schema(self) -> pa.Schema:
-        return self._schema
 
     def _read(
         self, rows: RowsFn, columns: Columns, filter: Filter
@@ -396,9 +388,8 @@ class _StreamSource(TabularSource):
     def __init__(self, stream: ChunkStream | None, kind: Kind = STREAM) -> None:
         description = "ChunkStream" if kind == STREAM else "iterable"
         total = stream.total_rows if stream is not None else None
-        super().__init__(kind, description, rereadable=False, total_rows=total)
+        super().__init__(kind, description, None, rereadable=False, total_rows=total)
         self._stream_ = stream
-        self._schema: pa.Schema | None = None
 
     @property
     def _stream(self) -> ChunkStream:
@@ -456,7 +447,7 @@ class _BatchesSource(_StreamSource):
 
     @property
     def known_schema(self) -> pa.Schema | None:
-        return None
+        return self._schema  # None until the first item was read
 
     def _read(
         self, rows: RowsFn, columns: Columns, filter: Filter
@@ -481,13 +472,8 @@ class _ScanSource(TabularSource):
 
     def __init__(self, dataset: ds.Dataset, description: str) -> None:
         files = tuple(getattr(dataset, "files", None) or ())
-        super().__init__(DATASET, description, rereadable=True, files=files)
+        super().__init__(DATASET, description, dataset.schema, rereadable=True, files=files)
         self.dataset: ds.Dataset | None = dataset
-        self._schema = dataset.schema
-
-    @property
-    def schema(self) -> pa.Schema:
-        return self._schema
 
     def count_rows(
         self, filter: pc.Expression | None = None, *, batch_rows: int | None = None
@@ -542,13 +528,10 @@ class _ParquetFilesSource(TabularSource):
         total_rows: int,
         description: str,
     ) -> None:
-        super().__init__(PATHS, description, rereadable=True, total_rows=total_rows, files=files)
+        super().__init__(
+            PATHS, description, schema, rereadable=True, total_rows=total_rows, files=files
+        )
         self.filesystem = fs
-        self._schema = schema
-
-    @property
-    def schema(self) -> pa.Schema:
-        return self._schema
 
     def _read(
         self, rows: RowsFn, columns: Columns, filter: Filter
@@ -697,10 +680,11 @@ def _size_function(rows: Rows) -> Callable[[], int] | None:
 
 
 def _as_table(item: object) -> pa.Table:
-    batches = record_batches(item)
-    if batches is None:
-        raise TypeError(f"items must be pyarrow RecordBatch or Table, got {type(item).__name__}")
-    return item if isinstance(item, pa.Table) else pa.Table.from_batches(batches)
+    if isinstance(item, pa.Table):
+        return item
+    if isinstance(item, pa.RecordBatch):
+        return pa.Table.from_batches([item])
+    raise TypeError(f"items must be pyarrow RecordBatch or Table, got {type(item).__name__}")
 
 
 def _project(
