@@ -20,7 +20,7 @@ from memsafe_dagster.datasets.filesystem import (
     list_data_files,
     resolve_filesystem,
 )
-from memsafe_dagster.datasets.merge.plan import aligned_batch_rows
+from memsafe_dagster.datasets.merge.target import aligned_batch_rows
 from memsafe_dagster.datasets.stream import ChunkStream
 
 
