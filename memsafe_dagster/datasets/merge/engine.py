@@ -135,7 +135,7 @@ def _run_locked(
                     f"key column {k!r} missing from the source (its columns: {schema.names})"
                 )
             check_key_type(k, schema.field(k).type, "source")
-    result.schema = schema
+    result.schema = dataset.schema  # a new target gets a schema once something is committed
     conformer = SourceConformer(
         source.schema,
         schema,
@@ -294,6 +294,7 @@ def _commit(run: MergeRun, plan: WritePlan, sinks: list[OutputSink], result: Mer
     )
     if not added and not removed:
         return
+    result.schema = run.schema
     run.txn.commit(
         info={
             "strategy": run.request.strategy,
