@@ -290,15 +290,15 @@ def test_explicit_workers_are_a_maximum_under_a_tight_budget(
     the log says so; the merge completes."""
     target = _target(tmp_path, rows=8_000, files=8)
     chosen: list[int] = []
-    original = engine.MergeEngine._affordable_workers
+    original = engine._affordable_workers
 
-    def spy(self, *args):
-        chosen.append(original(self, *args))
+    def spy(*args):
+        chosen.append(original(*args))
         return chosen[-1]
 
     budget_mb = current_rss_bytes() / 2**20 + 200
     with caplog.at_level("WARNING", logger=engine.__name__):
-        engine.MergeEngine._affordable_workers = spy
+        engine._affordable_workers = spy
         try:
             result = merge_dataset(
                 _source(4_000),
@@ -310,7 +310,7 @@ def test_explicit_workers_are_a_maximum_under_a_tight_budget(
                 merge_min_system_available_mb=0,
             )
         finally:
-            engine.MergeEngine._affordable_workers = original
+            engine._affordable_workers = original
     assert chosen and chosen[0] < 4
     assert f"workers=4 would not fit the {budget_mb:.0f} MB process budget" in caplog.text
     assert result.committed and read_dataset(target).num_rows == 8_000 + result.inserted

@@ -1,15 +1,39 @@
 """Bounded-memory, crash-safe merges of a source into a Parquet dataset by key columns.
 
 ``merge_dataset`` is the engine behind ``PyarrowDatasetIO.merge``; ``MergeResult`` reports what
-it did. See ``engine`` for the phases and ``options.MergeOptions`` for the tuning options.
+it did; ``MergeRequest`` is one merge's parameters, validated once. See ``engine`` for the
+phases, ``strategy`` for the table they follow and ``options.MergeOptions`` for the tuning
+options. Names are imported lazily, so a caller that needs only ``STRATEGIES`` (the CLI's
+parser) does not load the engine.
 """
 
 from __future__ import annotations
 
-from memsafe_dagster.datasets.merge.api import merge_dataset
-from memsafe_dagster.datasets.merge.index import DuplicateKeyError
-from memsafe_dagster.datasets.merge.options import MergeOptions
-from memsafe_dagster.datasets.merge.result import MergeResult
-from memsafe_dagster.datasets.merge.strategy import STRATEGIES
+import importlib
+from typing import Any
 
-__all__ = ["STRATEGIES", "DuplicateKeyError", "MergeOptions", "MergeResult", "merge_dataset"]
+_EXPORTS: dict[str, str] = {
+    "STRATEGIES": "memsafe_dagster.datasets.merge.strategy",
+    "RULES": "memsafe_dagster.datasets.merge.strategy",
+    "DuplicateKeyError": "memsafe_dagster.datasets.merge.index",
+    "MergeOptions": "memsafe_dagster.datasets.merge.options",
+    "MergeRequest": "memsafe_dagster.datasets.merge.request",
+    "MergeResult": "memsafe_dagster.datasets.merge.result",
+    "merge_dataset": "memsafe_dagster.datasets.merge.api",
+    "run_merge": "memsafe_dagster.datasets.merge.engine",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memsafe_dagster.datasets.merge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

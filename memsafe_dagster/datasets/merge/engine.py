@@ -1,18 +1,21 @@
-"""The streaming merge: ingest the source, match keys, rewrite touched files, commit.
+"""The streaming merge: ingest the source, match keys, plan, rewrite touched files, commit.
 
-Phases (each checks memory pressure at every chunk or row group):
+Phases (each checks memory pressure at every chunk or row group; each is a function of the
+``MergeRun`` and of the results of the phases before it):
 
-1. **ingest**: source chunks are validated and cast to the target's schema; their keys become
-   uint64 codes (kept in memory, or spilled to disk past ``index_memory_mb``). For upsert and
-   full_merge the rows go straight into staged output files; other strategies keep them in a
-   spool (unless the source can be read again) because which rows to write is known only later.
-2. **index + scan**: the codes are sorted into a ``KeyIndex`` (duplicates resolved), and the
-   target's key columns are scanned row group by row group, skipping every row group whose
-   statistics cannot hold a source key, to mark matched target rows (a bit per row) and matched
-   source rows. A spilled index is matched in passes over key ranges.
-3. **rewrite + write**: files holding matched rows are rewritten without them (several files at
-   once), and the source rows the strategy keeps are written to new files.
-4. **commit**: one commit record publishes every new file and removes every replaced one.
+1. **ingest** (``ingest.ingest``): source chunks are validated and cast to the target's schema;
+   their keys become uint64 codes (kept in memory, or spilled to disk past the index budget).
+   For upsert and full_merge a source that can be read only once goes straight into staged
+   output files; for the other strategies it is spooled, because which rows to write is known
+   only later.
+2. **match** (``matching.match``): the codes are sorted into a ``KeyIndex`` (duplicates
+   resolved), and the target's key columns are scanned row group by row group, skipping every
+   row group whose statistics cannot hold a source key, to mark matched target and source rows.
+3. **plan** (``plan.plan_writes``, pure): the strategy table decides the counts, the files the
+   commit removes, the rows copied out of them and the small files compacted.
+4. **rewrite** (``rewrite.write_phase``): rewrites and the source write run on the worker
+   threads, heaviest first.
+5. **commit**: one commit record publishes every new file and removes every replaced one.
 """
 
 from __future__ import annotations
@@ -20,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pyarrow as pa
@@ -31,329 +32,337 @@ import pyarrow as pa
 from memsafe_dagster.datasets.commit import DatasetTransaction, crash_point
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, is_local, join
 from memsafe_dagster.datasets.keys import KeyCodec, check_key_type
-from memsafe_dagster.datasets.merge.guard import (
-    MergeGuard,
-    ProgressCallback,
-    merge_memory_pool,
-    timed,
-)
-from memsafe_dagster.datasets.merge.ingest import IngestPhase
-from memsafe_dagster.datasets.merge.matching import MatchPhase
-from memsafe_dagster.datasets.merge.options import DEFAULT_ROW_GROUP_SIZE, MergeOptions
-from memsafe_dagster.datasets.merge.plan import TargetDataset, load_target
+from memsafe_dagster.datasets.merge.budget import MergeBudget, merge_monitor
+from memsafe_dagster.datasets.merge.context import Matched, MergeRun
+from memsafe_dagster.datasets.merge.guard import MergeGuard, merge_memory_pool, timed
+from memsafe_dagster.datasets.merge.ingest import ingest
+from memsafe_dagster.datasets.merge.matching import match
+from memsafe_dagster.datasets.merge.plan import WritePlan, plan_writes
+from memsafe_dagster.datasets.merge.request import MergeRequest
 from memsafe_dagster.datasets.merge.result import MergeResult
-from memsafe_dagster.datasets.merge.rewrite import WritePhase
+from memsafe_dagster.datasets.merge.rewrite import SourceWrite, write_phase
 from memsafe_dagster.datasets.merge.source import open_source
 from memsafe_dagster.datasets.merge.spill import SpillDir
-from memsafe_dagster.datasets.merge.state import INDEX_BYTES_PER_KEY, BitSet
+from memsafe_dagster.datasets.merge.target import TargetDataset, load_target
 from memsafe_dagster.datasets.merge.validate import SourceConformer
 from memsafe_dagster.datasets.sink import OutputSink, SettingsProvider
-from memsafe_dagster.datasets.source import TabularSource as MergeSource
-from memsafe_dagster.memory import MemoryMonitor
+from memsafe_dagster.datasets.source import TabularSource
 from memsafe_dagster.memory.process import current_rss_bytes
 
 log = logging.getLogger(__name__)
 
 
-class MergeEngine(IngestPhase, MatchPhase, WritePhase):
-    """One merge of ``data`` into the dataset at ``target`` on ``fs`` (see the module doc)."""
-
-    def __init__(
-        self,
-        data: object,
-        target: str,
-        *,
-        fs: fsspec.AbstractFileSystem,
-        strategy: str,
-        keys: Sequence[str],
-        on_duplicate: str,
-        monitor: MemoryMonitor,
-        chunk_rows: int,
-        max_memory_mb: float,
-        max_process_memory_mb: float | None,
-        streaming: bool,
-        progress: ProgressCallback | None,
-        options: MergeOptions,
-    ) -> None:
-        self.data = data
-        self.target = target.rstrip("/") or "/"
-        self.fs = fs
-        self.afs = arrow_filesystem(fs)
-        self.strategy = strategy
-        self.keys = tuple(keys)
-        self.on_duplicate = on_duplicate
-        self.monitor = monitor
-        self.chunk_rows = chunk_rows
-        self.max_memory_mb = max_memory_mb
-        self.max_process_memory_mb = max_process_memory_mb
-        self.streaming = streaming
-        self.opts = options
-        self.workers = options.worker_count()
-        self.cpus = options.cpu_count()
-        self.guard = MergeGuard(
-            monitor, workers=self.workers, chunk_rows=chunk_rows, progress_callback=progress
+def run_merge(
+    data: object, target: str, fs: fsspec.AbstractFileSystem, request: MergeRequest
+) -> MergeResult:
+    """Merge ``data`` into the dataset at ``target`` (a path on ``fs``) as ``request`` says."""
+    target = target.rstrip("/") or "/"
+    if fs.isfile(target):
+        raise ValueError(
+            f"target {target!r} is a file; a merge target is a dataset directory "
+            "(it may not exist yet)"
         )
-        self.result = MergeResult(strategy=strategy)
-        self.phases = self.result.phases_s
-        self._name_lock = threading.Lock()
-        self._names = 0
-
-    # -- entry ------------------------------------------------------------------------------
-
-    def run(self) -> MergeResult:
-        started = time.perf_counter()
-        existed = self.fs.exists(self.target)
-        committed = False
-        with merge_memory_pool(self.opts.memory_pool), self.guard:
-            try:
-                self.guard.check("validation")
-                with timed(self.phases, "open"):
-                    source = open_source(self.data, chunk_rows=self.chunk_rows, filesystem=self.fs)
-                try:
-                    with DatasetTransaction(
-                        self.fs,
-                        self.target,
-                        operation=f"merge:{self.strategy}",
-                        lock_timeout_s=self.opts.lock_timeout_s,
-                        durable=self.opts.durable,
-                    ) as txn:
-                        self.result.txn = txn.txn
-                        self._run_locked(txn, source)
-                        committed = self.result.committed
-                finally:
-                    source.close()
-            finally:
-                if not committed and not existed:
-                    _remove_empty_tree(self.fs, self.target)
-        self.guard.finish_progress()
-        self.result.duration_s = time.perf_counter() - started
-        self.result.peak_rss_mb = self.guard.peak_rss_mb
-        self.result.peak_pyarrow_mb = self.guard.peak_pyarrow_mb
-        self.result.max_pressure = self.guard.max_pressure
-        return self.result
-
-    def _run_locked(self, txn: DatasetTransaction, source: MergeSource) -> None:
-        with timed(self.phases, "plan"):
-            dataset = load_target(self.fs, self.afs, self.target, self.keys)
-        schema = dataset.schema
-        if schema is None:
-            schema = source.schema
-            if len(schema) == 0:
-                return  # no target and a source without rows or columns: nothing to merge
-            for k in self.keys:
-                if schema.get_field_index(k) < 0:
-                    raise ValueError(
-                        f"key column {k!r} missing from the source (its columns: {schema.names})"
-                    )
-                check_key_type(k, schema.field(k).type, "source")
-        conformer = SourceConformer(
-            source.schema,
-            schema,
-            self.keys,
-            keys_only=self.strategy == "delete",
-            fill_missing=self.opts.missing_columns == "null",
-        )
-        self.schema = schema
-        self.result.schema = schema
-        self.dataset = dataset
-        self.codec = KeyCodec(schema, self.keys)
-        self.result.target_count_before = dataset.rows
-        self.settings = self._writer_settings(schema, dataset)
-        spill_dir = SpillDir(join(txn.staging, "spill") if is_local(self.fs) else None)
-        self.txn = txn
-        new_rows = OutputSink(
-            self.afs,
-            self.settings,
-            self._new_file,
-            directory="",
-            prefix="ins",
-            max_rows=self.opts.target_file_rows,
-        )
-        sinks: list[OutputSink] = [new_rows]
-        self.abort = threading.Event()
-        self.workers = self._affordable_workers(source, dataset)
-        self.guard.workers = self.workers
-        self.pool = (
-            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="memsafe-merge")
-            if self.workers > 1
-            else None
-        )
-        self._early_write: Future[None] | None = None
-        self._source_written = 0
+    started = time.perf_counter()
+    monitor = merge_monitor(request)
+    options = request.options
+    workers = options.worker_count()
+    guard = MergeGuard(
+        monitor, workers=workers, chunk_rows=request.chunk_rows, progress_callback=request.progress
+    )
+    result = MergeResult(strategy=request.strategy)
+    existed = fs.exists(target)
+    with merge_memory_pool(options.memory_pool), guard:
         try:
-            # upsert/full_merge write every source row: a source that can be read only once
-            # is written while it is ingested; one that can be read again is written later,
-            # alongside the rewrites (both cores busy, and ingesting stays short).
-            direct = (
-                self.strategy in ("upsert", "full_merge")
-                and self.on_duplicate == "error"
-                and not source.rereadable
-            )
-            estimate_source = source.total_rows or 0
-            self.guard.set_total(
-                estimate_source
-                + dataset.rows
-                + (dataset.rows if self.strategy in ("upsert", "update", "delete") else 0)
-                + (0 if direct or self.strategy == "delete" else estimate_source)
-            )
-            new_rows.background = self._background(1) if direct else False
-            with timed(self.phases, "ingest"):
-                ingested = self._ingest(source, conformer, new_rows if direct else None, spill_dir)
-            crash_point("merge-ingested")
-            self.result.source_count = ingested.rows
-            matched_src = BitSet(ingested.rows)
-            dropped_src = BitSet(ingested.rows)
-            # upsert/full_merge write every (deduplicated) source row whatever the target holds:
-            # that can start as soon as the index is built, beside the key scan.
-            early = (
-                self.strategy in ("upsert", "full_merge") and not direct and self.pool is not None
-            )
-
-            def write_source_early() -> None:
-                try:
-                    self._write_source(
-                        source, conformer, ingested, matched_src, dropped_src, new_rows
+            guard.check("validation")
+            with timed(result.phases_s, "open"):
+                source = open_source(data, chunk_rows=request.chunk_rows, filesystem=fs)
+            try:
+                with DatasetTransaction(
+                    fs,
+                    target,
+                    operation=f"merge:{request.strategy}",
+                    lock_timeout_s=options.lock_timeout_s,
+                    durable=options.durable,
+                ) as txn:
+                    result.txn = txn.txn
+                    _run_locked(
+                        request,
+                        MergeBudget.of(monitor, options),
+                        fs,
+                        target,
+                        guard,
+                        txn,
+                        source,
+                        result,
+                        workers,
                     )
-                except BaseException:
-                    self.abort.set()  # stop the scan and the rewrites: this merge has failed
-                    raise
-
-            def start_source_write() -> None:
-                self._early_write = self.pool.submit(write_source_early)  # type: ignore[union-attr]
-
-            on_index = start_source_write if early else None
-            if early and self.on_duplicate == "error":
-                # No row can be dropped as a duplicate (one would fail the merge, discarding
-                # what was staged): the write need not wait for the index either.
-                start_source_write()
-                on_index = None
-            with timed(self.phases, "scan"):
-                self._match(ingested, matched_src, dropped_src, on_index)
-            self._raise_if_aborted()
-            crash_point("merge-scanned")
-            self._write_phase(
-                source, conformer, ingested, matched_src, dropped_src, new_rows, direct, sinks
-            )
-            self._raise_if_aborted()
-            self.guard.check("commit")
-            with timed(self.phases, "commit"):
-                self._commit(sinks)
-        except BaseException:
-            self.abort.set()
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-            for sink in sinks:
-                sink.abort()
-            raise
+            finally:
+                source.close()
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-            spill_dir.cleanup()
+            if not result.committed and not existed:
+                _remove_empty_tree(fs, target)
+    guard.finish_progress()
+    result.duration_s = time.perf_counter() - started
+    result.peak_rss_mb = guard.peak_rss_mb
+    result.peak_pyarrow_mb = guard.peak_pyarrow_mb
+    result.max_pressure = guard.max_pressure
+    return result
 
-    def _affordable_workers(self, source: MergeSource, dataset: TargetDataset) -> int:
-        """Files processed at once, as many as the process budget affords.
 
-        Each file in flight holds about eight row groups' worth of buffers (decoded batch,
-        survivors, the row group being encoded, allocator slack) plus about 24 MB of its own
-        (reader and writer state, the thread's allocator cache): measured 52-70 MB per file
-        for 92k-row groups of 46 bytes. The key index takes about ``INDEX_BYTES_PER_KEY`` per
-        source row. Past what fits in 75 % of the budget, one file at a time (with background
-        encoding: both cores still work) is safer than two, and only about 20 % slower. An explicit
-        ``workers`` is a maximum too: four files at once under a 384 MB budget would stop the
-        10M/1M upsert at EMERGENCY where two finish it.
-        """
-        budget_mb = self.max_process_memory_mb
-        if self.workers <= 1 or not budget_mb:
-            return self.workers
-        row_bytes = _row_bytes(dataset) or 64.0
-        per_worker = 8 * self.settings.row_group_size * row_bytes + 24 * 2**20
-        index = (source.total_rows or 0) * INDEX_BYTES_PER_KEY
-        free = 0.75 * budget_mb * 2**20 - current_rss_bytes() - index
-        affordable = int(max(1, min(self.workers, free // per_worker)))
-        if self.opts.workers is not None and affordable < self.opts.workers:
-            log.warning(
-                "merge into %s: workers=%d would not fit the %.0f MB process budget; "
-                "processing %d files at once",
-                self.target,
-                self.opts.workers,
-                budget_mb,
-                affordable,
-            )
-        return affordable
-
-    def _raise_if_aborted(self) -> None:
-        """Raise what stopped a background task (its work is incomplete: never commit it)."""
-        if self._early_write is not None and self._early_write.done():
-            error = self._early_write.exception()
-            if error is not None:
-                raise error
-        if self.abort.is_set():
-            if self._early_write is not None:
-                self._early_write.result()
-            raise RuntimeError("merge aborted by a failed background task")
-
-    # -- settings ---------------------------------------------------------------------------
-
-    def _writer_settings(self, schema: pa.Schema, dataset: TargetDataset) -> SettingsProvider:
-        compression = self.opts.compression
-        if compression is None:
-            compression = "zstd"
-            for f in dataset.files:
-                if f.metadata.num_row_groups and f.metadata.num_columns:
-                    codec = f.metadata.row_group(0).column(0).compression.lower()
-                    compression = "none" if codec == "uncompressed" else codec
-                    break
-        row_group_size = self.opts.row_group_size
-        if row_group_size is None:
-            row_group_size = DEFAULT_ROW_GROUP_SIZE
-            row_bytes = _row_bytes(dataset)
-            if row_bytes:
-                # A row group is buffered while written: keep one under 5 % of the budget.
-                budget = self.max_memory_mb * 2**20 * 0.05 / max(1, self.workers)
-                row_group_size = int(max(1_024, min(row_group_size, budget // row_bytes)))
-        return SettingsProvider(
-            schema,
-            row_group_size=row_group_size,
-            compression=compression,
-            compression_level=self.opts.compression_level,
-            use_dictionary=self.opts.use_dictionary,
-        )
-
-    # -- phase 4: commit ----------------------------------------------------------------------
-
-    def _commit(self, sinks: list[OutputSink]) -> None:
-        added_rows = 0
-        added = 0
+def _run_locked(
+    request: MergeRequest,
+    budget: MergeBudget,
+    fs: fsspec.AbstractFileSystem,
+    target: str,
+    guard: MergeGuard,
+    txn: DatasetTransaction,
+    source: TabularSource,
+    result: MergeResult,
+    workers: int,
+) -> None:
+    afs = arrow_filesystem(fs)
+    keys = request.keys
+    rule = request.rule
+    with timed(result.phases_s, "plan"):
+        dataset = load_target(fs, afs, target, keys)
+    schema = dataset.schema
+    if schema is None:
+        schema = source.schema
+        if len(schema) == 0:
+            return  # no target and a source without rows or columns: nothing to merge
+        for k in keys:
+            if schema.get_field_index(k) < 0:
+                raise ValueError(
+                    f"key column {k!r} missing from the source (its columns: {schema.names})"
+                )
+            check_key_type(k, schema.field(k).type, "source")
+    result.schema = dataset.schema  # a new target gets a schema once something is committed
+    conformer = SourceConformer(
+        source.schema,
+        schema,
+        keys,
+        keys_only=not rule.writes_source,
+        fill_missing=request.options.missing_columns == "null",
+    )
+    result.target_count_before = dataset.rows
+    row_bytes = _row_bytes(dataset)
+    # Row groups are sized for the files wanted at once; the files that fit follow from them.
+    row_group_rows = request.options.row_group_size or budget.row_group_rows(row_bytes, workers)
+    workers = _affordable_workers(
+        request, budget, target, source, workers, row_group_rows, row_bytes
+    )
+    guard.workers = workers
+    run = MergeRun(
+        request=request,
+        budget=budget,
+        fs=fs,
+        afs=afs,
+        target=target,
+        guard=guard,
+        txn=txn,
+        dataset=dataset,
+        schema=schema,
+        codec=KeyCodec(schema, keys),
+        settings=_writer_settings(request, schema, dataset, row_group_rows),
+        workers=workers,
+        cpus=request.options.cpu_count(),
+        phases=result.phases_s,
+        pool=(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memsafe-merge")
+            if workers > 1
+            else None
+        ),
+    )
+    spill_dir = SpillDir(join(txn.staging, "spill") if is_local(fs) else None)
+    new_rows = OutputSink(
+        afs,
+        run.settings,
+        run.new_file,
+        directory="",
+        prefix="ins",
+        max_rows=request.options.target_file_rows,
+    )
+    sinks: list[OutputSink] = [new_rows]
+    try:
+        _phases(run, source, conformer, new_rows, sinks, spill_dir, result)
+    except BaseException:
+        run.abort.set()
+        if run.pool is not None:
+            run.pool.shutdown(wait=True, cancel_futures=True)
         for sink in sinks:
-            for written in sink.close():
-                added_rows += written.rows
-                added += 1
-        removed = [*self.replaced, *self.compacted]
-        for f in removed:
-            self.txn.remove(f.path)
-        removed_rows = sum(f.rows for f in removed)
-        r = self.result
-        r.files_added = added
-        r.files_removed = len(removed)
-        r.files_untouched = len(self.dataset.files) - len(removed)
-        r.target_count_after = r.target_count_before - removed_rows + added_rows
-        if not added and not removed:
-            return
-        self.txn.commit(
-            info={
-                "strategy": self.strategy,
-                "key_columns": list(self.keys),
-                "inserted": r.inserted,
-                "updated": r.updated,
-                "deleted": r.deleted,
-                "target_count_before": r.target_count_before,
-                "target_count_after": r.target_count_after,
-            }
+            sink.abort()
+        raise
+    finally:
+        if run.pool is not None:
+            run.pool.shutdown(wait=True)
+        spill_dir.cleanup()
+
+
+def _phases(
+    run: MergeRun,
+    source: TabularSource,
+    conformer: SourceConformer,
+    new_rows: OutputSink,
+    sinks: list[OutputSink],
+    spill_dir: SpillDir,
+    result: MergeResult,
+) -> None:
+    request, rule, guard, dataset = run.request, run.rule, run.guard, run.dataset
+    # Strategies that replace matched rows and insert new ones write every source row: a
+    # source that can be read only once is written while it is ingested; one that can be read
+    # again is written later, alongside the rewrites (both cores busy, ingesting stays short).
+    writes_all = rule.inserts_new and rule.writes_matched_source
+    direct = writes_all and request.on_duplicate == "error" and not source.rereadable
+    estimate = source.total_rows or 0
+    guard.set_total(
+        estimate
+        + dataset.rows
+        + (dataset.rows if rule.keeps_unmatched_target and rule.drops_matched_target else 0)
+        + (0 if direct or not rule.writes_source else estimate)
+    )
+    new_rows.background = run.background_writes(1) if direct else False
+    with timed(run.phases, "ingest"):
+        ingested = ingest(run, source, conformer, new_rows if direct else None, spill_dir)
+    crash_point("merge-ingested")
+    result.source_count = ingested.rows
+    result.spilled = ingested.spilled
+    source_write = SourceWrite(run, source, conformer, ingested, new_rows)
+    matched = Matched.for_source(ingested.rows)
+    # Writing every (deduplicated) source row does not depend on the target: it can start as
+    # soon as the duplicates are known (at once when duplicates are an error), beside the scan.
+    early = writes_all and not direct and run.pool is not None
+    on_index = None
+    if early and request.on_duplicate == "error":
+        source_write.start(matched)
+    elif early:
+        on_index = source_write.start
+    with timed(run.phases, "scan"):
+        match(run, ingested, matched, on_index)
+    _raise_if_aborted(run, source_write)
+    crash_point("merge-scanned")
+    result.key_passes = matched.key_passes
+    result.files_pruned = matched.files_pruned
+    result.row_groups_pruned = matched.row_groups_pruned
+    result.duplicates_dropped = matched.source_dropped
+    plan = plan_writes(
+        rule,
+        dataset.files,
+        source_rows=ingested.rows,
+        source_matched=matched.source_matched,
+        source_dropped=matched.source_dropped,
+        target_file_rows=request.options.target_file_rows,
+        compact_small_files=request.options.compact_small_files,
+        allow_empty_source=request.options.allow_empty_source,
+    )
+    result.inserted, result.updated, result.deleted = plan.inserted, plan.updated, plan.deleted
+    result.files_rewritten = len(plan.replaced)
+    result.files_compacted = len(plan.compacted)
+    # A source read again is validated as it is written: every row, even those the strategy
+    # leaves out (and even when it leaves out all of them).
+    validate_source = ingested.row_spool is None and source.rereadable and rule.writes_source
+    write_phase(
+        run, plan, matched, source_write, sinks, direct=direct, validate_source=validate_source
+    )
+    _raise_if_aborted(run, source_write)
+    guard.check("commit")
+    with timed(run.phases, "commit"):
+        _commit(run, plan, sinks, result)
+
+
+def _raise_if_aborted(run: MergeRun, source_write: SourceWrite) -> None:
+    """Raise what stopped a background task (its work is incomplete: never commit it)."""
+    source_write.raise_if_failed()
+    if run.abort.is_set():
+        source_write.wait()
+        raise RuntimeError("merge aborted by a failed background task")
+
+
+def _commit(run: MergeRun, plan: WritePlan, sinks: list[OutputSink], result: MergeResult) -> None:
+    added_rows = 0
+    added = 0
+    for sink in sinks:
+        for written in sink.close():
+            added_rows += written.rows
+            added += 1
+    removed = plan.removed
+    for f in removed:
+        run.txn.remove(f.path)
+    result.files_added = added
+    result.files_removed = len(removed)
+    result.files_untouched = len(run.dataset.files) - len(removed)
+    result.target_count_after = (
+        result.target_count_before - sum(f.rows for f in removed) + added_rows
+    )
+    if not added and not removed:
+        return
+    result.schema = run.schema
+    run.txn.commit(
+        info={
+            "strategy": run.request.strategy,
+            "key_columns": list(run.keys),
+            "inserted": result.inserted,
+            "updated": result.updated,
+            "deleted": result.deleted,
+            "target_count_before": result.target_count_before,
+            "target_count_after": result.target_count_after,
+        }
+    )
+    result.committed = True
+
+
+def _affordable_workers(
+    request: MergeRequest,
+    budget: MergeBudget,
+    target: str,
+    source: TabularSource,
+    wanted: int,
+    row_group_rows: int,
+    row_bytes: float | None,
+) -> int:
+    """Files processed at once, as many as the budget affords (see ``budget``)."""
+    affordable = budget.affordable_workers(
+        wanted,
+        row_group_rows=row_group_rows,
+        row_bytes=row_bytes,
+        source_rows=source.total_rows or 0,
+        current_rss_bytes=current_rss_bytes(),
+    )
+    explicit = request.options.workers
+    if explicit is not None and affordable < explicit:
+        log.warning(
+            "merge into %s: workers=%d would not fit the %.0f MB process budget; "
+            "processing %d files at once",
+            target,
+            explicit,
+            budget.process_mb,
+            affordable,
         )
-        r.committed = True
+    return affordable
+
+
+def _writer_settings(
+    request: MergeRequest, schema: pa.Schema, dataset: TargetDataset, row_group_rows: int
+) -> SettingsProvider:
+    """How new files are written: the target's own codec unless one is asked for."""
+    compression = request.options.compression
+    if compression is None:
+        compression = "zstd"
+        for f in dataset.files:
+            if f.metadata.num_row_groups and f.metadata.num_columns:
+                codec = f.metadata.row_group(0).column(0).compression.lower()
+                compression = "none" if codec == "uncompressed" else codec
+                break
+    return SettingsProvider(
+        schema,
+        row_group_size=row_group_rows,
+        compression=compression,
+        compression_level=request.options.compression_level,
+        use_dictionary=request.options.use_dictionary,
+    )
 
 
 def _row_bytes(dataset: TargetDataset) -> float | None:
+    """Uncompressed bytes per row of the target's first non-empty file (from its footer)."""
     for f in dataset.files:
         md = f.metadata
         if md.num_rows and md.num_row_groups:

@@ -7,10 +7,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from memsafe_dagster.checks import (
+    non_negative_seconds,
+    optional_positive_int,
+    optional_positive_number,
+    positive_int,
+)
+from memsafe_dagster.datasets.parquet import check_compression
+
 DUPLICATE_POLICIES = ("error", "first", "last")
 MEMORY_POOLS = ("auto", "default", "jemalloc", "mimalloc", "system")
 MISSING_COLUMN_POLICIES = ("error", "null")
-COMPRESSIONS = ("snappy", "zstd", "lz4", "gzip", "brotli", "none")
 
 DEFAULT_ROW_GROUP_SIZE = 131_072
 DEFAULT_TARGET_FILE_ROWS = 1_048_576
@@ -79,21 +86,13 @@ class MergeOptions:
         return opts
 
     def validate(self) -> None:
-        _positive_int("row_group_size", self.row_group_size, allow_none=True)
-        _positive_int("target_file_rows", self.target_file_rows)
-        _positive_int("workers", self.workers, allow_none=True)
-        if self.compression is not None and str(self.compression).lower() not in COMPRESSIONS:
-            raise ValueError(
-                f"compression must be one of {list(COMPRESSIONS)}, got {self.compression!r}"
-            )
-        if not isinstance(self.lock_timeout_s, (int, float)) or self.lock_timeout_s < 0:
-            raise ValueError(f"lock_timeout_s must be >= 0 seconds, got {self.lock_timeout_s!r}")
-        if self.index_memory_mb is not None and (
-            not isinstance(self.index_memory_mb, (int, float)) or self.index_memory_mb <= 0
-        ):
-            raise ValueError(
-                f"index_memory_mb must be a positive number, got {self.index_memory_mb!r}"
-            )
+        optional_positive_int("row_group_size", self.row_group_size)
+        positive_int("target_file_rows", self.target_file_rows)
+        optional_positive_int("workers", self.workers)
+        if self.compression is not None:
+            check_compression(self.compression, self.compression_level)
+        non_negative_seconds("lock_timeout_s", self.lock_timeout_s)
+        optional_positive_number("index_memory_mb", self.index_memory_mb, unit="MB")
         if self.missing_columns not in MISSING_COLUMN_POLICIES:
             raise ValueError(
                 f"missing_columns must be one of {list(MISSING_COLUMN_POLICIES)}, got "
@@ -124,10 +123,3 @@ class MergeOptions:
             return len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             return os.cpu_count() or 1
-
-
-def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")

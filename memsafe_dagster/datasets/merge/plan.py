@@ -1,266 +1,122 @@
-"""The target as the merge sees it: its files, their footers, key statistics and matched rows.
+"""The write plan: from what matching found to what the commit changes, by the strategy table.
 
-Only footers are read here. Each row group's min/max of every key column becomes a bound in
-the key index's domain (codes for integer-like keys, str/bytes for string/binary keys), so a
-row group whose bounds hold no source key is never read and a file made only of such row
-groups is never rewritten.
+``plan_writes`` is pure (footer facts and match counts in, decisions out), so it is tested
+directly against the table: which files the commit removes, which of their rows are copied
+into new files and where, which small files of earlier merges are folded into this merge's new
+files (compaction), and the counts the result reports. Which *rows* of a rewritten or compacted
+file survive is the rule's ``target_rows_kept``, applied by the rewrite itself.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
-import fsspec
-import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+from memsafe_dagster.datasets.merge.strategy import StrategyRule
 
-from memsafe_dagster.datasets.filesystem import list_data_files
-from memsafe_dagster.datasets.keys import exact_code_of, is_exact_type, key_value_type
-from memsafe_dagster.datasets.merge.validate import target_fields_check
-from memsafe_dagster.datasets.schema import type_kind
-
-Bound = tuple[object, object] | None
-
-_UNIT_NAMES = {"ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
-_INS_NAME = re.compile(r"^ins-.*\.parquet$")
+# Survivors of a rewritten file below target_file_rows / 8 join the new-rows files instead of
+# becoming a small file of their own.
+SMALL_FILE_FRACTION = 8
 
 
-@dataclass
-class TargetFile:
-    """One data file of the target: footer facts plus the rows the merge matched in it."""
+class PlannedFile(Protocol):
+    """What the plan needs of a target file (``target.TargetFile`` has it)."""
 
     path: str
     rel: str
-    metadata: pq.FileMetaData
-    schema: pa.Schema
     rows: int
-    rg_starts: np.ndarray
-    bounds: list[list[Bound]]
-    matched_bits: np.ndarray | None = None
-    matched: int = 0
-    scanned_row_groups: int = 0
-    pruned_row_groups: int = 0
-    key_scanned: set[int] = field(default_factory=set)
+    matched: int
 
     @property
-    def num_row_groups(self) -> int:
-        return len(self.rg_starts) - 1
+    def is_ins_file(self) -> bool: ...
 
-    @property
-    def is_ins_file(self) -> bool:
-        """Written by an earlier merge to hold new rows (a compaction candidate)."""
-        return "/" not in self.rel and bool(_INS_NAME.match(self.rel))
 
-    def file_bounds(self) -> list[Bound]:
-        """Per key column, the bound over all row groups (None when any row group lacks one)."""
-        if not self.bounds:
-            return []
-        out: list[Bound] = []
-        for col in range(len(self.bounds[0])):
-            col_bounds = [rg[col] for rg in self.bounds]
-            if any(b is None for b in col_bounds):
-                out.append(None)
-            else:
-                out.append(
-                    (min(b[0] for b in col_bounds), max(b[1] for b in col_bounds))  # type: ignore[index]
-                )
-        return out
+@dataclass(frozen=True)
+class Rewrite:
+    """Copy the rows the strategy keeps of ``file`` into a new file: its own (``"own"``, in
+    the file's directory) or the merge's new-rows files (``"new_rows"``)."""
 
-    def mark(self, rows: np.ndarray) -> None:
-        """Mark file-global row numbers as matched (each row is marked once)."""
-        if len(rows) == 0:
-            return
-        if self.matched_bits is None:
-            self.matched_bits = np.zeros((self.rows + 7) // 8, dtype=np.uint8)
-        bit = np.left_shift(np.uint8(1), (rows & 7).astype(np.uint8))
-        np.bitwise_or.at(self.matched_bits, rows >> 3, bit)
-
-    def finish_marking(self) -> None:
-        """Count the matched rows (rows matched in several passes are counted once)."""
-        if self.matched_bits is None:
-            self.matched = 0
-        else:
-            self.matched = _count_bits(self.matched_bits)
-
-    def matched_mask(self, start: int, stop: int) -> np.ndarray:
-        """Bool per row of [start, stop): True where the row matched a source key."""
-        if self.matched_bits is None:
-            return np.zeros(stop - start, dtype=bool)
-        lo, hi = start >> 3, (stop + 7) >> 3
-        bits = np.unpackbits(self.matched_bits[lo:hi], bitorder="little").astype(bool)
-        skip = start - (lo << 3)
-        return bits[skip : skip + (stop - start)]
+    file: PlannedFile
+    into: Literal["own", "new_rows"]
 
 
 @dataclass
-class TargetDataset:
-    """The target's files (sorted by path) and the schema every output file keeps."""
+class WritePlan:
+    """What one merge writes and removes, and the counts it reports."""
 
-    root: str
-    files: list[TargetFile]
-    schema: pa.Schema | None
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    source_rows_out: int = 0
+    replaced: list[PlannedFile] = field(default_factory=list)
+    compacted: list[PlannedFile] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
+    emptied: list[PlannedFile] = field(default_factory=list)
 
     @property
-    def rows(self) -> int:
-        return sum(f.rows for f in self.files)
+    def removed(self) -> list[PlannedFile]:
+        """Every file the commit removes."""
+        return [*self.replaced, *self.compacted]
+
+    @property
+    def rewrite_rows(self) -> int:
+        """Rows the rewrites read (the progress they add)."""
+        return sum(r.file.rows for r in self.rewrites)
 
 
-def load_target(
-    fs: fsspec.AbstractFileSystem,
-    afs: pafs.FileSystem,
-    root: str,
-    keys: Sequence[str],
-) -> TargetDataset:
-    """Read every data file's footer and check the files agree on a schema with the keys."""
-    paths = list_data_files(fs, root)
-    root = root.rstrip("/")
-    files: list[TargetFile] = []
-    schema: pa.Schema | None = None
-    for path in paths:
-        rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
-        if any("=" in part for part in rel.split("/")[:-1]):
-            raise ValueError(
-                f"target {root} is partitioned by directory ({rel}); merge each partition "
-                "directory as its own target"
-            )
-        try:
-            with afs.open_input_file(path) as fh:
-                metadata = pq.read_metadata(fh)
-            file_schema = metadata.schema.to_arrow_schema()
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise ValueError(f"target file {path} is not a readable Parquet file: {exc}") from exc
-        if schema is None:
-            schema = file_schema
-            target_fields_check(schema, keys)
-        else:
-            _check_file_schema(schema, file_schema, path, keys)
-        files.append(_target_file(path, rel, metadata, file_schema, schema, keys))
-    return TargetDataset(root, files, schema)
-
-
-def _check_file_schema(
-    dataset: pa.Schema, file_schema: pa.Schema, path: str, keys: Sequence[str]
-) -> None:
-    extra = [n for n in file_schema.names if dataset.get_field_index(n) < 0]
-    if extra:
+def plan_writes(
+    rule: StrategyRule,
+    files: Sequence[PlannedFile],
+    *,
+    source_rows: int,
+    source_matched: int,
+    source_dropped: int,
+    target_file_rows: int,
+    compact_small_files: bool = True,
+    allow_empty_source: bool = False,
+) -> WritePlan:
+    """The plan for a merge whose source had ``source_rows`` rows, ``source_matched`` of them
+    with a key in the target and ``source_dropped`` set aside as duplicates, into ``files``
+    (their ``matched`` counts set by the key scan)."""
+    target_rows = sum(f.rows for f in files)
+    empties_target = not rule.keeps_unmatched_target and source_rows == 0 and target_rows
+    if empties_target and not allow_empty_source:
         raise ValueError(
-            f"target file {path} has column(s) {extra} that the dataset schema (from its first "
-            "file) lacks; rewriting it would drop them"
+            f"{rule.name} with an empty source would delete all {target_rows:,} rows of "
+            "the target; pass allow_empty_source=True if that is intended"
         )
-    for expected in dataset:
-        idx = file_schema.get_field_index(expected.name)
-        if idx < 0:
-            if expected.name in keys or not expected.nullable:
-                raise ValueError(f"target file {path} lacks column {expected.name!r}")
-            continue
-        ft = file_schema.field(idx).type
-        if ft != expected.type and type_kind(ft) != type_kind(expected.type):
-            raise ValueError(
-                f"target file {path}: column {expected.name!r} is {ft}, but the dataset's is "
-                f"{expected.type}"
-            )
-
-
-def _target_file(
-    path: str,
-    rel: str,
-    metadata: pq.FileMetaData,
-    file_schema: pa.Schema,
-    schema: pa.Schema,
-    keys: Sequence[str],
-) -> TargetFile:
-    n_rg = metadata.num_row_groups
-    counts = [metadata.row_group(i).num_rows for i in range(n_rg)]
-    starts = np.zeros(n_rg + 1, dtype=np.int64)
-    np.cumsum(counts, out=starts[1:])
-    columns: dict[str, int] = {}
-    if n_rg:
-        rg0 = metadata.row_group(0)
-        columns = {rg0.column(i).path_in_schema: i for i in range(rg0.num_columns)}
-    converters = []
-    for k in keys:
-        idx = file_schema.get_field_index(k)
-        file_type = file_schema.field(idx).type if idx >= 0 else None
-        converters.append((columns.get(k), _bound_converter(file_type, schema.field(k).type)))
-    bounds: list[list[Bound]] = []
-    for i in range(n_rg):
-        rg = metadata.row_group(i)
-        row: list[Bound] = []
-        for col, convert in converters:
-            bound = None
-            if col is not None and convert is not None:
-                stats = rg.column(col).statistics
-                if stats is not None and stats.has_min_max:
-                    try:
-                        bound = convert(stats)
-                    except (ValueError, TypeError, OverflowError, pa.ArrowException):
-                        bound = None
-            row.append(bound)
-        bounds.append(row)
-    return TargetFile(
-        path=path,
-        rel=rel,
-        metadata=metadata,
-        schema=file_schema,
-        rows=metadata.num_rows,
-        rg_starts=starts,
-        bounds=bounds,
+    source_new = source_rows - source_matched - source_dropped
+    matched_target = sum(f.matched for f in files)
+    plan = WritePlan(
+        source_rows_out=rule.source_rows_out(source_new=source_new, source_matched=source_matched)
     )
-
-
-def _bound_converter(file_type: pa.DataType | None, target_type: pa.DataType):
-    """A function from Parquet statistics to a bound in the index's domain, or None."""
-    if file_type is None:
-        return None
-    ft, vt = key_value_type(file_type), key_value_type(target_type)
-    if ft != vt:
-        return None  # a file written with another type: no pruning, never a wrong one
-    if pa.types.is_integer(vt):
-        return lambda s: (exact_code_of(s.min, vt), exact_code_of(s.max, vt))
-    if is_exact_type(vt):
-        if pa.types.is_date32(vt):
-            return lambda s: _raw_bound(s, vt)
-        if pa.types.is_timestamp(vt) or pa.types.is_time(vt):
-            unit = _UNIT_NAMES.get(vt.unit)
-            if unit is None:
-                return None
-
-            def convert(s):
-                if f"timeUnit={unit}" not in str(s.logical_type):
-                    return None
-                return _raw_bound(s, vt)
-
-            return convert
-        return None
-    if pa.types.is_string(vt) or pa.types.is_large_string(vt):
-        return lambda s: (s.min, s.max) if isinstance(s.min, str) else None
-    if pa.types.is_binary(vt) or pa.types.is_large_binary(vt):
-        return lambda s: (bytes(s.min), bytes(s.max))
-    return None
-
-
-def _count_bits(bits: np.ndarray) -> int:
-    if hasattr(np, "bitwise_count"):
-        return int(np.bitwise_count(bits).sum(dtype=np.int64))
-    return int(np.unpackbits(bits).sum(dtype=np.int64))
-
-
-def _raw_bound(stats: pq.Statistics, t: pa.DataType) -> Bound:
-    lo, hi = stats.min_raw, stats.max_raw
-    if not isinstance(lo, int) or not isinstance(hi, int):
-        return None
-    return exact_code_of(lo, pa.int64()), exact_code_of(hi, pa.int64())
-
-
-def aligned_batch_rows(metadata: pq.FileMetaData, chunk_rows: int) -> int:
-    """Read whole row groups when they are about the chunk size (up to twice it): a batch
-    that spans two row groups costs the reader a concatenation (measured 7 % of the merge's
-    CPU); otherwise read chunks."""
-    if metadata.num_row_groups == 0:
-        return chunk_rows
-    largest = max(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
-    return largest if chunk_rows <= largest <= 2 * chunk_rows else chunk_rows
+    plan.inserted, plan.updated, plan.deleted = rule.counts(
+        source_new=source_new, matched_target=matched_target, target_rows=target_rows
+    )
+    if not rule.keeps_unmatched_target:
+        plan.replaced = list(files)
+    elif rule.drops_matched_target:
+        plan.replaced = [f for f in files if f.matched]
+    replaced = {f.path for f in plan.replaced}
+    if compact_small_files and plan.source_rows_out:
+        room = target_file_rows - plan.source_rows_out % target_file_rows
+        for f in sorted(files, key=lambda f: (f.rows, f.path)):
+            if f.path in replaced or not f.is_ins_file:
+                continue
+            if f.rows >= target_file_rows or f.rows > room:
+                continue
+            plan.compacted.append(f)
+            room -= f.rows
+    if rule.keeps_unmatched_target:
+        small = max(1, target_file_rows // SMALL_FILE_FRACTION)
+        for f in plan.replaced:
+            survivors = f.rows - f.matched
+            if survivors == 0:
+                plan.emptied.append(f)
+            elif survivors < small or f.is_ins_file:
+                plan.rewrites.append(Rewrite(f, "new_rows"))
+            else:
+                plan.rewrites.append(Rewrite(f, "own"))
+    plan.rewrites += [Rewrite(f, "new_rows") for f in plan.compacted]
+    return plan

@@ -1,0 +1,135 @@
+"""MergeBudget: how a merge spends its memory, derived once from the one monitor that guards it.
+
+The monitor (given by the caller, or built from the request's three figures) is the only source
+of budgets: the guard classifies pressure against it, and every allowance below comes from it.
+
+- **process budget**: the monitor's process budget, else what the container may use (its limit
+  minus the memory it must keep free);
+- **index**: the source key index may take 40 % of the smaller of the PyArrow and process
+  budgets (``index_memory_mb`` overrides); past that it spills to disk and is matched in passes;
+- **row groups**: one row group being written is buffered per output file, so a row group
+  stays under 5 % of the PyArrow budget per file in flight;
+- **workers**: each file in flight holds about eight row groups' worth of buffers (decoded
+  batch, survivors, the row group being encoded, allocator slack) plus about 24 MB of its own
+  (reader and writer state, the thread's allocator cache); the key index takes
+  ``INDEX_BYTES_PER_KEY`` per source row. Files run at once only while that fits in 75 % of the
+  process budget (an explicit ``workers`` is a maximum too).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from memsafe_dagster.datasets.merge.options import DEFAULT_ROW_GROUP_SIZE, MergeOptions
+from memsafe_dagster.datasets.merge.request import MergeRequest
+from memsafe_dagster.memory import MemoryMonitor, detect_memory_limits
+from memsafe_dagster.memory.sizes import MiB
+
+log = logging.getLogger(__name__)
+
+# Bytes of memory per source key while the index is built (codes, positions, sort
+# permutation, sorted copies, bitmap, flags); hashed keys add their values twice.
+INDEX_BYTES_PER_KEY = 40
+INDEX_SHARE = 0.4
+ROW_GROUP_SHARE = 0.05
+MIN_ROW_GROUP_ROWS = 1_024
+WORKER_ROW_GROUPS = 8
+WORKER_OVERHEAD_BYTES = 24 * MiB
+WORKERS_SHARE = 0.75
+# A floor above this share of the limit can never hold (the default 512 MB in a 512 MB pod).
+MAX_FLOOR_SHARE = 0.25
+SCALED_FLOOR_SHARE = 0.1
+
+
+def merge_monitor(request: MergeRequest) -> MemoryMonitor:
+    """The monitor that guards ``request``: its own, or one built from its three figures.
+
+    A free-memory floor above a quarter of the container's limit can never hold and would stop
+    every merge at once; it is scaled to 10 % of the limit, with a warning that says so.
+    """
+    if request.monitor is not None:
+        return request.monitor
+    memory = request.memory
+    limits = detect_memory_limits()
+    min_available_mb = memory.min_system_available_mb
+    if min_available_mb > MAX_FLOOR_SHARE * limits.limit_mb:
+        scaled = round(SCALED_FLOOR_SHARE * limits.limit_mb)
+        log.warning(
+            "merge_min_system_available_mb=%s cannot be kept free under a %.0f MB limit (%s); "
+            "keeping %s MB free instead",
+            min_available_mb,
+            limits.limit_mb,
+            limits.source,
+            scaled,
+        )
+        min_available_mb = scaled
+    return MemoryMonitor(
+        max_pyarrow_mb=memory.max_memory_mb,
+        max_process_memory_mb=memory.max_process_memory_mb,
+        min_system_available_mb=min_available_mb,
+        limits=limits,
+    )
+
+
+@dataclass(frozen=True)
+class MergeBudget:
+    """The allowances of one merge, in bytes (see the module docstring)."""
+
+    pyarrow_bytes: int
+    process_bytes: int
+    index_bytes: int
+    explicit_process_budget: bool
+
+    @classmethod
+    def of(cls, monitor: MemoryMonitor, options: MergeOptions) -> MergeBudget:
+        pyarrow = int(monitor.max_pyarrow_mb * MiB)
+        explicit = bool(monitor.max_process_memory_mb)
+        if explicit:
+            process = int(monitor.max_process_memory_mb * MiB)  # type: ignore[operator]
+        else:
+            process = max(
+                0, monitor.limits.limit_bytes - int(monitor.min_system_available_mb * MiB)
+            )
+        if options.index_memory_mb is not None:
+            index = int(options.index_memory_mb * MiB)
+        else:
+            smaller = min(pyarrow, process) if explicit else pyarrow
+            index = int(INDEX_SHARE * smaller)
+        return cls(
+            pyarrow_bytes=pyarrow,
+            process_bytes=process,
+            index_bytes=index,
+            explicit_process_budget=explicit,
+        )
+
+    @property
+    def process_mb(self) -> float:
+        return self.process_bytes / MiB
+
+    def row_group_rows(self, row_bytes: float | None, workers: int) -> int:
+        """Rows per written row group: the default, lowered so one stays under 5 % of the
+        PyArrow budget per file in flight (rows of ``row_bytes`` bytes, when known)."""
+        if not row_bytes:
+            return DEFAULT_ROW_GROUP_SIZE
+        allowance = self.pyarrow_bytes * ROW_GROUP_SHARE / max(1, workers)
+        return int(max(MIN_ROW_GROUP_ROWS, min(DEFAULT_ROW_GROUP_SIZE, allowance // row_bytes)))
+
+    def affordable_workers(
+        self,
+        wanted: int,
+        *,
+        row_group_rows: int,
+        row_bytes: float | None,
+        source_rows: int,
+        current_rss_bytes: int,
+    ) -> int:
+        """Files processed at once: at most ``wanted``, as many as 75 % of the process budget
+        holds beside the key index and what the process already uses."""
+        if wanted <= 1:
+            return wanted
+        per_worker = WORKER_ROW_GROUPS * row_group_rows * (row_bytes or 64.0)
+        per_worker += WORKER_OVERHEAD_BYTES
+        index = source_rows * INDEX_BYTES_PER_KEY
+        free = WORKERS_SHARE * self.process_bytes - current_rss_bytes - index
+        return int(max(1, min(wanted, free // per_worker)))
