@@ -22,12 +22,18 @@ reaches the event log (direct ``load_input`` calls).
 
 EMERGENCY while a loaded ``ChunkStream`` / ``RecordBatchReader`` is consumed, whether by a
 returned stream (the idiom above) or by an asset body that drains it itself, fails the step
-with the memsafe ``dagster.Failure`` and the figures as they stood.
+with the memsafe ``dagster.Failure`` and the figures as they stood. Every stream gets at most
+one adaptive sizer, on the memory resource's monitor: a loaded stream that an asset returns as
+it is is written with the sizer it was loaded with.
+
+``is_tabular`` is the Dagster layer's one answer to "what counts as tabular data" (what this IO
+manager writes and what a merge asset merges).
 """
 
 import math
 import types
 import typing
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args, get_origin
 
@@ -55,10 +61,20 @@ STREAMING_ANNOTATIONS = (
 )
 FILES = "memsafe/files"
 ESTIMATED_MB = "memsafe/estimated_mb"
-WRITABLE = (
+TABULAR = (
     "pa.Table, pa.RecordBatch, pa.RecordBatchReader, pyarrow.dataset.Dataset, ChunkStream "
     "or a list of RecordBatch/Table"
 )
+
+
+def is_tabular(value: Any) -> bool:
+    """True for data the Dagster layer streams as a table (``TABULAR``): what this IO manager
+    writes and what a merge asset accepts from any IO manager."""
+    if isinstance(value, (pa.Table, pa.RecordBatch, pa.RecordBatchReader, ds.Dataset, ChunkStream)):
+        return True
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(item, (pa.Table, pa.RecordBatch)) for item in value
+    )
 
 
 class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
@@ -98,6 +114,8 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
 
     _base_path: Any = PrivateAttr(default=None)
     _memory: MemoryMonitorResource | None = PrivateAttr(default=None)
+    # Streams this IO manager loaded: each already has its sizer, so writing one adds none.
+    _sized: weakref.WeakSet = PrivateAttr(default_factory=weakref.WeakSet)
 
     @model_validator(mode="before")
     @classmethod
@@ -162,12 +180,7 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         partitioned = context.has_asset_partitions
         with self.memory_resource.track(context, stage=stage, record=False) as tracker:
             tracker.extra.update({md.CHUNK_SIZE_ROWS: chunk_rows, md.RETRY_NUMBER: retry})
-            stream = process_in_chunks(
-                obj if not isinstance(obj, (list, tuple)) else iter(obj),
-                chunk_size_rows=chunk_rows,
-                memory_monitor=tracker.monitor,
-                adaptive=self.adaptive,
-            )
+            stream = self._output_stream(obj, chunk_rows, context)
             files = self._write(stream, path)
             tracker.chunks = stream.stats.chunks
         context.add_output_metadata(
@@ -177,6 +190,23 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
                 **md.table_metadata(stream.schema, stream.stats.rows, partitioned=partitioned),
                 FILES: dg.MetadataValue.int(files),
             }
+        )
+
+    def _output_stream(self, obj: Any, chunk_rows: int, context: OutputContext) -> ChunkStream:
+        """``obj`` as a stream with one adaptive sizer on the memory resource's monitor: a
+        stream this IO manager loaded has it already, anything else gets it here."""
+        if isinstance(obj, ChunkStream) and obj in self._sized:
+            if obj.consumed:
+                raise ValueError(
+                    f"output {context.name!r}: this ChunkStream was already iterated (streams "
+                    "are single-pass)"
+                )
+            return obj
+        return process_in_chunks(
+            obj if not isinstance(obj, (list, tuple)) else iter(obj),
+            chunk_size_rows=chunk_rows,
+            memory_monitor=self.memory_resource.get_monitor(),
+            adaptive=self.adaptive,
         )
 
     def _write(self, stream: ChunkStream, path: Any) -> int:
@@ -269,6 +299,7 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
             return None
 
         stream.add_hooks(on_error=as_failure)
+        self._sized.add(stream)
         if kind == READER:
             return stream.to_reader()
         return stream
@@ -393,15 +424,11 @@ def _what(context: InputContext | OutputContext) -> str:
 
 
 def _check_writable(obj: Any, context: OutputContext) -> None:
-    if isinstance(obj, (pa.Table, pa.RecordBatch, pa.RecordBatchReader, ds.Dataset, ChunkStream)):
-        return
-    if isinstance(obj, (list, tuple)) and all(
-        isinstance(item, (pa.Table, pa.RecordBatch)) for item in obj
-    ):
+    if is_tabular(obj):
         return
     raise TypeError(
         f"ChunkedParquetIOManager cannot write output {context.name!r} of type "
-        f"{type(obj).__name__}: return {WRITABLE}. A generator must be wrapped in "
+        f"{type(obj).__name__}: return {TABULAR}. A generator must be wrapped in "
         "ChunkStream.from_batches(...) (Dagster treats yielded values as events)."
     )
 

@@ -14,12 +14,7 @@ import dagster as dg
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.inbox import batch_key, list_inbox
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel
-from memsafe_dagster.merge_asset import (
-    INBOX,
-    INBOX_PATTERN,
-    inbox_storage_options,
-    merge_asset_spec,
-)
+from memsafe_dagster.merge_asset import MergeAssetSpec, merge_spec_of
 from memsafe_dagster.metadata import FAILURE_PREFIX, LIMIT_MB, LIMIT_SOURCE, PEAK_RSS_MB
 
 DIAGNOSIS_TAG = "memsafe/diagnosis"
@@ -88,23 +83,23 @@ def build_inbox_sensor(
     ``storage_options`` default to the ones ``target`` was built with. Memory-gated unless
     ``memory_threshold`` is None.
     """
-    built_with = merge_asset_spec(target)
+    built_with = _merge_spec(target)
     if inbox is None:
-        inbox = built_with.get(INBOX)
-        if inbox is None:
+        if built_with is None or built_with.inbox is None:
             raise ValueError(
                 f"build_inbox_sensor({name!r}): pass inbox=, or a target built by "
                 "build_merge_asset with an inbox URL as its source"
             )
+        inbox = built_with.inbox
     if "{" in inbox or target.partitions_def is not None:
         raise ValueError(
             f"build_inbox_sensor({name!r}): {target.key.to_user_string()} is partitioned; an "
             "inbox sensor launches unpartitioned runs (one inbox, one target)"
         )
     if pattern is None:
-        pattern = built_with.get(INBOX_PATTERN, "*.parquet")
+        pattern = built_with.inbox_pattern if built_with is not None else "*.parquet"
     if storage_options is None:
-        storage_options = inbox_storage_options(target)
+        storage_options = dict(built_with.storage_options) if built_with is not None else {}
     op_name = target.op.name
     run_target: dict[str, Any] = {"job": job} if job is not None else {"asset_selection": [target]}
 
@@ -142,6 +137,14 @@ def build_inbox_sensor(
         default_status=default_status,
         **run_target,
     )
+
+
+def _merge_spec(target: dg.AssetsDefinition) -> MergeAssetSpec | None:
+    """The spec of a merge asset; None for any other asset (which then needs ``inbox=``)."""
+    try:
+        return merge_spec_of(target)
+    except TypeError:
+        return None
 
 
 def _load_cursor(cursor: str | None) -> dict[str, list[float]]:

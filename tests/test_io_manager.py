@@ -25,7 +25,7 @@ from dagster_helpers import (
 )
 
 from memsafe_dagster import metadata as md
-from memsafe_dagster.datasets import ChunkStream
+from memsafe_dagster.datasets import ChunkStream, adaptive
 from memsafe_dagster.io_managers import (
     ChunkedParquetIOManager,
     estimate_table_bytes,
@@ -592,6 +592,45 @@ def test_a_retried_step_loads_its_stream_with_half_the_chunk_size(tmp_path: Path
     meta = latest_metadata(instance, "flaky")
     assert meta[md.RETRY_NUMBER] == 2 and meta[md.CHUNK_SIZE_ROWS] == 250
     assert meta[md.ROW_COUNT] == 5_000 and meta[md.CHUNKS] == 20
+
+
+def _record_sizers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """(sizer, stream, monitor) ids of every adaptive sizer check made from now on."""
+    calls: list[tuple[int, int, int]] = []
+
+    class Recording(adaptive.AdaptiveChunkSizer):
+        def __call__(self, stream: ChunkStream) -> None:
+            calls.append((id(self), id(stream), id(self.monitor)))
+            super().__call__(stream)
+
+    monkeypatch.setattr(adaptive, "AdaptiveChunkSizer", Recording)
+    return calls
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_stream_through_the_io_manager_has_one_sizer_on_one_monitor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wrapped: bool
+) -> None:
+    @dg.asset
+    def passed_on(source_numbers: ChunkStream) -> ChunkStream:
+        if wrapped:  # the streaming idiom: a second stream over the loaded one
+            return ChunkStream.from_batches(t.filter(pc.field("id") >= 0) for t in source_numbers)
+        return source_numbers
+
+    instance = dg.DagsterInstance.ephemeral()
+    assert run([source_numbers], tmp_path, instance).success
+    calls = _record_sizers(monkeypatch)
+    result = run(
+        [source_numbers, passed_on], tmp_path, instance, selection=[passed_on], chunk_size_rows=500
+    )
+    assert result.success
+    assert read_dir(tmp_path / "passed_on").num_rows == 5_000
+    sizers_per_stream: dict[int, set[int]] = {}
+    for sizer, stream, _monitor in calls:
+        sizers_per_stream.setdefault(stream, set()).add(sizer)
+    assert len(sizers_per_stream) == (2 if wrapped else 1)
+    assert all(len(sizers) == 1 for sizers in sizers_per_stream.values())
+    assert len({monitor for *_, monitor in calls}) == 1
 
 
 # -- where data lives ----------------------------------------------------------------------------

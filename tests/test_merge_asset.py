@@ -143,6 +143,19 @@ def test_run_config_sets_the_chunk_size(tmp_path: Path) -> None:
     assert meta[md.ROW_COUNT] == 5_000
 
 
+def test_a_bad_chunk_size_in_run_config_is_refused_by_name(tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    merged = build_merge_asset("wh", source=orders, target_path=str(target), key_columns="id")
+    config = {"ops": {"wh": {"config": {"merge_chunk_size_rows": 0}}}}
+    result = dg.materialize(
+        [orders, merged], resources=resources(tmp_path), run_config=config, raise_on_error=False
+    )
+    [failure] = step_failures(result)
+    message = failure.step_failure_data.error.to_string()
+    assert "merge_chunk_size_rows must be a positive integer, got 0" in message
+    assert not target.exists()
+
+
 # -- every strategy --------------------------------------------------------------------------------
 
 TARGET_ROWS = rows(range(0, 60), "t")

@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from memsafe_dagster.datasets.merge.keys import KeyCodec, mix
+from memsafe_dagster.datasets.unique import key_hash, verify_unique_keys
 from memsafe_dagster.memory.cgroup_cap import run_measured
-from memsafe_dagster.merge_asset import key_hash, verify_unique_keys
 
 RNG = np.random.default_rng(7)
 
@@ -152,6 +153,72 @@ def test_the_hash_is_the_same_for_equal_keys_in_any_chunk_or_slice() -> None:
     ids = pa.table({"id": pa.array(range(100_000), pa.int64())})
     buckets = np.bincount((key_hash(ids, ["id"]) >> np.uint64(58)).astype(np.int64), minlength=64)
     assert buckets.max() < 2 * buckets.mean()
+
+
+def test_key_hash_is_the_merges_key_code_mixed() -> None:
+    """The check buckets by the merge's own key codes: exact for one integer-like key, hashed
+    otherwise, then mixed so exact codes spread too."""
+    table = pa.table(
+        {
+            "id": pa.array(range(-500, 500), pa.int64()),
+            "region": pa.array([f"r{i % 7}" for i in range(1_000)]),
+        }
+    )
+    for keys in (["id"], ["region", "id"], ["region"]):
+        codec = KeyCodec(table.schema, keys)
+        codes, valid = codec.codes(codec.key_arrays(table))
+        assert valid is None
+        assert (key_hash(table, keys) == mix(codes)).all(), keys
+    # int32 and int64 keys of equal value (files of one target may differ) share a bucket.
+    narrow = table.set_column(0, "id", table["id"].cast(pa.int32()))
+    assert (key_hash(narrow, ["region", "id"]) == key_hash(table, ["region", "id"])).all()
+
+
+def test_every_occurrence_of_a_key_lands_in_one_bucket() -> None:
+    n = 20_000
+    ids = RNG.integers(0, n // 4, n)
+    table = pa.table(
+        {
+            "region": pa.array([f"region-{i % 13}" for i in ids], mask=RNG.random(n) < 0.01),
+            "id": pa.array(ids, pa.int64(), mask=RNG.random(n) < 0.01),
+        }
+    )
+    keys = ["region", "id"]
+    shift = np.uint64(64 - 5)  # 32 buckets
+    bucket_of: dict[tuple, int] = {}
+    whole = (key_hash(table, keys) >> shift).astype(np.int64)
+    rows = list(zip(table["region"].to_pylist(), table["id"].to_pylist(), strict=True))
+    for key, bucket in zip(rows, whole.tolist(), strict=True):
+        assert bucket_of.setdefault(key, bucket) == bucket, key
+    # The same keys hashed in another slicing land where they did.
+    for start in range(0, n, 3_001):
+        part = (key_hash(table.slice(start, 3_001), keys) >> shift).astype(np.int64)
+        assert (part == whole[start : start + 3_001]).all()
+    # Rows with a null in either key column share one bucket; the rest spread.
+    nulls = [i for i, r in enumerate(rows) if None in r]
+    assert nulls and len({int(whole[i]) for i in nulls}) == 1
+    assert np.bincount(whole, minlength=32).max() < 2 * n / 32
+
+
+def test_spilled_counts_of_planted_duplicates_match_python(tmp_path: Path) -> None:
+    """Positive control: duplicates planted across files and chunks are all found when the keys
+    are spilled into many buckets, with composite string keys, exactly as Python counts them."""
+    n = 6_000
+    region = [f"region-{'x' * (i % 9)}-{i % 11}" for i in range(n)]
+    table = pa.table({"region": region, "id": pa.array(range(n), pa.int64())})
+    planted = table.take(pa.array([5, 17, 17, 4_000, 5_999, 2_500]))  # 17 three times in all
+    target = pa.concat_tables([table.slice(0, 3_000), planted, table.slice(3_000)])
+    write_target(tmp_path / "t", target, files=4)
+    expected = oracle(target, ["region", "id"])
+    assert expected == (5, 11, 0)
+    report = verify_unique_keys(
+        str(tmp_path / "t"), ["region", "id"], memory_budget_mb=0.004, chunk_size_rows=400
+    )
+    assert report.buckets > 16
+    assert (report.duplicate_keys, report.duplicate_rows, report.null_key_rows) == expected
+    assert report.rows == target.num_rows and not report.passed
+    found = {(e["key"]["region"], e["key"]["id"]): e["count"] for e in report.examples}
+    assert found[(region[17], 17)] == 3 and len(found) == 5
 
 
 GENERATE = """
