@@ -26,8 +26,8 @@ with the memsafe ``dagster.Failure`` and the figures as they stood. Every stream
 one adaptive sizer, on the memory resource's monitor: a loaded stream that an asset returns as
 it is is written with the sizer it was loaded with.
 
-``is_tabular`` is the Dagster layer's one answer to "what counts as tabular data" (what this IO
-manager writes and what a merge asset merges).
+What counts as tabular data (what this IO manager writes and what a merge asset merges) is
+``datasets.source.is_tabular``, the package's one answer.
 """
 
 import math
@@ -48,8 +48,10 @@ from pydantic import Field, PrivateAttr, model_validator
 from memsafe_dagster import metadata as md
 from memsafe_dagster.datasets.chunks import process_in_chunks
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, list_data_files
+from memsafe_dagster.datasets.parquet import check_compression
+from memsafe_dagster.datasets.source import is_tabular
 from memsafe_dagster.datasets.stream import ChunkStream
-from memsafe_dagster.datasets.writer import ChunkedParquetWriter, check_compression
+from memsafe_dagster.datasets.writer import ChunkedParquetWriter
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError
 from memsafe_dagster.memory.sizes import MiB
 from memsafe_dagster.resources import MemoryMonitorResource
@@ -65,16 +67,6 @@ TABULAR = (
     "pa.Table, pa.RecordBatch, pa.RecordBatchReader, pyarrow.dataset.Dataset, ChunkStream "
     "or a list of RecordBatch/Table"
 )
-
-
-def is_tabular(value: Any) -> bool:
-    """True for data the Dagster layer streams as a table (``TABULAR``): what this IO manager
-    writes and what a merge asset accepts from any IO manager."""
-    if isinstance(value, (pa.Table, pa.RecordBatch, pa.RecordBatchReader, ds.Dataset, ChunkStream)):
-        return True
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(item, (pa.Table, pa.RecordBatch)) for item in value
-    )
 
 
 class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):

@@ -52,9 +52,9 @@ def test_an_upstream_merge_asset_carries_its_spec() -> None:
     assert spec.key == merged.key == dg.AssetKey(["warehouse", "wh"])
     assert spec.upstream == changes.key and spec.inbox is None
     assert spec.key_columns == ("region", "id")
-    assert (spec.strategy, spec.on_duplicate_keys) == ("update", "last")
-    assert spec.merge_chunk_size_rows == 5_000
-    assert spec.merge_options == MergeOptions(row_group_size=1_000)
+    assert (spec.strategy, spec.request.on_duplicate) == ("update", "last")
+    assert spec.request.chunk_rows == 5_000
+    assert spec.request.options == MergeOptions(row_group_size=1_000)
     assert spec.pool == merge_pool_name("/data/wh")
     assert spec.target_for(None, {}) == "/data/wh"
     with pytest.raises(ValueError, match="not an inbox"):

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memsafe_dagster.datasets.merge.keys import KeyCodec, mix
+from memsafe_dagster.datasets.keys import KeyCodec, mix
 from memsafe_dagster.datasets.unique import key_hash, verify_unique_keys
 from memsafe_dagster.memory.cgroup_cap import run_measured
 

@@ -252,3 +252,18 @@ class KeyCodec:
         for a in arrays:
             h = mix(h * _P + column_hash(a))
         return h, valid
+
+
+def normalize_key_columns(key_columns: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``key_columns`` as a non-empty tuple of distinct names ("a,b" and ["a", "b"] both work)."""
+    if key_columns is None:
+        raise ValueError("key_columns is required: the column(s) that identify a row")
+    if isinstance(key_columns, str):
+        keys = tuple(k.strip() for k in key_columns.split(",") if k.strip())
+    else:
+        keys = tuple(key_columns)
+    if not keys or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(f"key_columns must be one or more column names, got {key_columns!r}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key_columns has a repeated column: {list(keys)}")
+    return keys

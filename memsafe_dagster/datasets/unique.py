@@ -4,7 +4,7 @@ The merge asset's ``unique_keys`` check runs it on the target after each merge, 
 on any dataset. Only the key columns are read, chunk by chunk. When they would not fit the
 budget (sized from the files' footers), rows are first spilled to local Arrow IPC files by
 bucket, so every occurrence of a key lands in one bucket, and each bucket is grouped exactly.
-Buckets come from the merge's own key codes (``merge.keys.KeyCodec``), mixed, so the check and
+Buckets come from the merge's own key codes (``datasets.keys.KeyCodec``), mixed, so the check and
 the merge agree on what makes two keys equal.
 """
 
@@ -30,8 +30,7 @@ from memsafe_dagster.datasets.filesystem import (
     list_data_files,
     resolve_filesystem,
 )
-from memsafe_dagster.datasets.merge.keys import KeyCodec, mix
-from memsafe_dagster.datasets.merge.validate import normalize_key_columns
+from memsafe_dagster.datasets.keys import KeyCodec, mix, normalize_key_columns
 from memsafe_dagster.memory.sizes import MiB
 
 # Bytes of memory per byte of key data while grouping (the hash table and the counts).

@@ -13,20 +13,15 @@ from typing import Any
 
 import dagster as dg
 
-from memsafe_dagster.datasets.merge import STRATEGIES, MergeOptions
-from memsafe_dagster.datasets.merge.validate import (
-    check_duplicate_policy,
-    check_strategy,
-    normalize_key_columns,
-)
+from memsafe_dagster.datasets.merge.request import MergeRequest
+from memsafe_dagster.datasets.source import is_tabular
 from memsafe_dagster.datasets.stream import ChunkStream
-from memsafe_dagster.io_managers import TABULAR, is_tabular
+from memsafe_dagster.io_managers import TABULAR
 from memsafe_dagster.merge_asset.checks import MEMORY_HEADROOM, UNIQUE_KEYS
 from memsafe_dagster.merge_asset.spec import (
     PLACEHOLDER,
     MergeAssetSpec,
     attach_spec,
-    check_chunk_rows,
     definition_metadata,
     merge_pool_name,
 )
@@ -105,14 +100,15 @@ def build_merge_asset(
     one target at once once the instance gives pools a limit (``concurrency: pools:
     default_limit: 1`` in dagster.yaml); the dataset's lock is the second line of defence.
     """
-    keys = normalize_key_columns(key_columns)
-    try:
-        check_strategy(strategy)
-    except ValueError:
-        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}") from None
-    check_duplicate_policy(on_duplicate_keys)
-    check_chunk_rows(merge_chunk_size_rows)
-    options = MergeOptions.from_kwargs(merge_options)
+    request = MergeRequest.create(
+        strategy=strategy,
+        key_columns=key_columns,
+        on_duplicate_keys=on_duplicate_keys,
+        merge_chunk_size_rows=merge_chunk_size_rows,
+        enable_streaming_merge=enable_streaming_merge,
+        options=merge_options,
+    )
+    keys = request.keys
     if not isinstance(target_path, str) or not target_path:
         raise ValueError(f"target_path must be a path or URL, got {target_path!r}")
     for label, value in (
@@ -129,13 +125,8 @@ def build_merge_asset(
     spec = MergeAssetSpec(
         key=dg.AssetKey([*_prefix(key_prefix), name]),
         target_path=target_path,
-        key_columns=keys,
-        strategy=strategy,
+        request=request,
         memory_resource_key=memory_resource_key,
-        merge_chunk_size_rows=merge_chunk_size_rows,
-        on_duplicate_keys=on_duplicate_keys,
-        enable_streaming_merge=enable_streaming_merge,
-        merge_options=options,
         storage_options=dict(storage_options or {}),
         inbox=inbox,
         inbox_pattern=inbox_pattern,

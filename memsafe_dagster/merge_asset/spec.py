@@ -19,7 +19,7 @@ from typing import Any
 import dagster as dg
 
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
-from memsafe_dagster.datasets.merge import MergeOptions
+from memsafe_dagster.datasets.merge.request import MergeRequest
 
 # Definition metadata of every merge asset: what the UI shows about how it was built.
 TARGET_PATH = "memsafe/target_path"
@@ -35,21 +35,17 @@ _SPEC_ATTRIBUTE = "_memsafe_merge_spec"
 
 @dataclass(frozen=True)
 class MergeAssetSpec:
-    """Everything ``build_merge_asset`` was given, validated: target, keys, strategy, source
-    (an upstream asset key or an inbox URL and pattern), merge and check settings, pool.
+    """Everything ``build_merge_asset`` was given, validated: target, the merge itself (one
+    ``MergeRequest``: strategy, keys, duplicates policy, chunk size, options), source (an
+    upstream asset key or an inbox URL and pattern), check settings, pool.
 
     ``storage_options`` apply to the target and the inbox; they stay out of ``repr``.
     """
 
     key: dg.AssetKey
     target_path: str
-    key_columns: tuple[str, ...]
-    strategy: str
+    request: MergeRequest
     memory_resource_key: str
-    merge_chunk_size_rows: int
-    on_duplicate_keys: str
-    enable_streaming_merge: bool
-    merge_options: MergeOptions
     storage_options: Mapping[str, Any] = field(repr=False)
     inbox: str | None
     inbox_pattern: str
@@ -65,6 +61,14 @@ class MergeAssetSpec:
         object.__setattr__(
             self, "storage_options", types.MappingProxyType(dict(self.storage_options))
         )
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return self.request.keys
+
+    @property
+    def strategy(self) -> str:
+        return self.request.strategy
 
     def target_for(self, partition_key: str | None, dimensions: Mapping[str, str]) -> str:
         """The target URL for one partition (``{partition_key}`` and dimension names filled)."""
@@ -158,11 +162,3 @@ def merge_pool_name(target_path: str, storage_options: Mapping[str, Any] | None 
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", tail).strip("_")[:60] or "target"
     digest = hashlib.sha256(normalized.encode()).hexdigest()[:8]
     return f"memsafe-merge-{readable}-{digest}"
-
-
-def check_chunk_rows(value: object) -> int:
-    """``merge_chunk_size_rows`` (built with, or a run's override) if it is a positive integer,
-    else a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"merge_chunk_size_rows must be a positive integer, got {value!r}")
-    return value

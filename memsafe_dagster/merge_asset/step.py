@@ -1,16 +1,15 @@
 """The merge asset's step: one materialization, from run config and spec to MaterializeResult.
 
-It resolves the run's partition into a target (and inbox), picks the inbox files, runs
-``merge_dataset`` inside the memory resource's ``track`` (EMERGENCY becomes the memsafe
-``dagster.Failure`` and leaves the target as it was), archives the inbox files only after the
-commit, evaluates the checks and assembles the metadata from the ``MergeResult``: nothing is
-re-read after the commit. Every retry halves the chunk size.
+It resolves the run's partition into a target (and inbox), picks the inbox files, runs the
+merge (``run_merge`` with the spec's ``MergeRequest``) inside the memory resource's ``track``
+(EMERGENCY becomes the memsafe ``dagster.Failure`` and leaves the target as it was), archives
+the inbox files only after the commit, evaluates the checks and assembles the metadata from
+the ``MergeResult``: nothing is re-read after the commit. Every retry halves the chunk size.
 
 Annotations here stay real objects (no postponed evaluation): Dagster reads them at runtime.
 """
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +19,7 @@ import fsspec
 from pydantic import Field
 
 from memsafe_dagster import metadata as md
+from memsafe_dagster.checks import positive_int
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, resolve_filesystem
 from memsafe_dagster.datasets.inbox import (
     InboxFile,
@@ -28,8 +28,9 @@ from memsafe_dagster.datasets.inbox import (
     batch_key,
     select_batch,
 )
-from memsafe_dagster.datasets.merge import MergeOptions, MergeResult, merge_dataset
-from memsafe_dagster.datasets.merge.plan import load_target
+from memsafe_dagster.datasets.merge.engine import run_merge
+from memsafe_dagster.datasets.merge.result import MergeResult
+from memsafe_dagster.datasets.merge.target import load_target
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.datasets.unique import UniqueKeysReport
 from memsafe_dagster.memory import MemoryPressureLevel
@@ -39,7 +40,7 @@ from memsafe_dagster.merge_asset.checks import (
     unique_keys_check,
     unique_keys_report,
 )
-from memsafe_dagster.merge_asset.spec import MergeAssetSpec, check_chunk_rows
+from memsafe_dagster.merge_asset.spec import MergeAssetSpec
 from memsafe_dagster.resources import MemoryMonitorResource, MemoryTracker
 
 # Materialization metadata beyond DESIGN.md's table.
@@ -86,7 +87,9 @@ def materialize_merge(
     memory: MemoryMonitorResource = getattr(context.resources, spec.memory_resource_key)
     retry = context.retry_number
     requested = (
-        spec.merge_chunk_size_rows if chunk_override is None else check_chunk_rows(chunk_override)
+        spec.request.chunk_rows
+        if chunk_override is None
+        else positive_int("merge_chunk_size_rows", chunk_override)
     )
     chunk_rows = max(1, requested // 2**retry)
     partition_key, dimensions = _partition(context, spec)
@@ -126,21 +129,14 @@ def materialize_merge(
             context.log.info(f"memsafe: no files to merge in {spec.inbox}; target left as is")
             result = _unchanged_result(spec, fs, target_stripped)
         else:
-            result = merge_dataset(
+            request = spec.request.with_chunk_rows(chunk_rows).with_memory(
+                monitor, _progress_logger(context)
+            )
+            result = run_merge(
                 data if spec.inbox is None else batch_dataset(inbox_fs, batch),
                 target_stripped,
-                fs=fs,
-                strategy=spec.strategy,
-                key_columns=list(spec.key_columns),
-                merge_max_memory_mb=monitor.max_pyarrow_mb,
-                merge_max_process_memory_mb=monitor.max_process_memory_mb or None,
-                merge_min_system_available_mb=monitor.min_system_available_mb,
-                merge_chunk_size_rows=chunk_rows,
-                enable_streaming_merge=spec.enable_streaming_merge,
-                merge_progress_callback=_progress_logger(context),
-                memory_monitor=monitor,
-                on_duplicate_keys=spec.on_duplicate_keys,
-                **_option_kwargs(spec.merge_options),
+                fs,
+                request,
             )
         archived: list[str] = []
         if batch:
@@ -198,11 +194,6 @@ def _partition(
     if isinstance(key, dg.MultiPartitionKey):
         dimensions = dict(key.keys_by_dimension)
     return str(key), dimensions
-
-
-def _option_kwargs(options: MergeOptions) -> dict[str, Any]:
-    """The spec's validated merge options as ``merge_dataset`` keyword arguments."""
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
 def _unchanged_result(

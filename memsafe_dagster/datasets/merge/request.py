@@ -16,13 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from memsafe_dagster.checks import non_negative_number, optional_positive_number, positive_int
+from memsafe_dagster.datasets.keys import normalize_key_columns
 from memsafe_dagster.datasets.merge.options import MergeOptions
 from memsafe_dagster.datasets.merge.strategy import RULES, StrategyRule
-from memsafe_dagster.datasets.merge.validate import (
-    check_duplicate_policy,
-    check_strategy,
-    normalize_key_columns,
-)
+from memsafe_dagster.datasets.merge.validate import check_duplicate_policy, check_strategy
 from memsafe_dagster.memory import MemoryMonitor
 
 ProgressCallback = Callable[[int, int], Any]

@@ -22,7 +22,9 @@ from memsafe_dagster.datasets.schema import cast_column, check_cast
 
 def check_strategy(strategy: object) -> str:
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown merge strategy {strategy!r}: expected one of {list(STRATEGIES)}")
+        raise ValueError(
+            f"unknown merge strategy {strategy!r}: strategy must be one of {list(STRATEGIES)}"
+        )
     return str(strategy)
 
 
@@ -32,21 +34,6 @@ def check_duplicate_policy(policy: object) -> str:
             f"on_duplicate_keys must be one of {list(DUPLICATE_POLICIES)}, got {policy!r}"
         )
     return str(policy)
-
-
-def normalize_key_columns(key_columns: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``key_columns`` as a non-empty tuple of distinct names ("a,b" and ["a", "b"] both work)."""
-    if key_columns is None:
-        raise ValueError("key_columns is required: the column(s) that identify a row")
-    if isinstance(key_columns, str):
-        keys = tuple(k.strip() for k in key_columns.split(",") if k.strip())
-    else:
-        keys = tuple(key_columns)
-    if not keys or not all(isinstance(k, str) and k for k in keys):
-        raise ValueError(f"key_columns must be one or more column names, got {key_columns!r}")
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"key_columns has a repeated column: {list(keys)}")
-    return keys
 
 
 def target_fields_check(target: pa.Schema, keys: Sequence[str]) -> None:
