@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel, MemoryReading, PeakWindow
 from memsafe_dagster.memory.sizes import MiB
+from memsafe_dagster.memory.window import PeaksInMB
 
 PRESSURE = "memsafe/pressure"
 PEAK_RSS_MB = "memsafe/peak_rss_mb"
@@ -60,7 +61,7 @@ FAILURE_PREFIX = "memsafe: memory pressure EMERGENCY"
 
 
 @dataclass(frozen=True)
-class MemoryFigures:
+class MemoryFigures(PeaksInMB):
     """Peaks, worst level and the binding limit of one window (a step, a block, a merge)."""
 
     pressure: MemoryPressureLevel
@@ -91,14 +92,6 @@ class MemoryFigures:
     ) -> "MemoryFigures":
         """The monitor's own window: peaks and worst level since its last reset."""
         return cls.from_window(monitor.window, level)
-
-    @property
-    def peak_rss_mb(self) -> float:
-        return self.peak_rss_bytes / MiB
-
-    @property
-    def peak_pyarrow_mb(self) -> float:
-        return self.peak_pyarrow_bytes / MiB
 
     @property
     def limit_mb(self) -> float:

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import pyarrow as pa
 
 from memsafe_dagster.memory import MemoryPressureLevel, PeakWindow
+from memsafe_dagster.memory.window import WindowPeaks
 
 Hook = Callable[["ChunkStream"], None]
 ChunkHook = Callable[["ChunkStream", pa.Table], None]
@@ -24,7 +25,7 @@ ErrorHook = Callable[[BaseException], "BaseException | None"]
 
 
 @dataclass
-class ChunkStats:
+class ChunkStats(WindowPeaks):
     """What a stream did so far: chunks, rows, resizes and the memory seen while streaming.
 
     The peaks are those of ``window``, the ``PeakWindow`` a monitor attached to the stream
@@ -42,14 +43,6 @@ class ChunkStats:
     finished_at: float | None = None
     sizes: list[int] = field(default_factory=list, repr=False)
     window: PeakWindow | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def peak_rss_mb(self) -> float:
-        return self.window.peak_rss_mb if self.window is not None else 0.0
-
-    @property
-    def peak_pyarrow_mb(self) -> float:
-        return self.window.peak_pyarrow_mb if self.window is not None else 0.0
 
     @property
     def duration_s(self) -> float:

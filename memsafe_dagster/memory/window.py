@@ -31,6 +31,35 @@ if TYPE_CHECKING:
 NORMAL = MemoryPressureLevel.NORMAL
 
 
+class PeaksInMB:
+    """``peak_rss_mb`` and ``peak_pyarrow_mb`` for anything that has the peaks in bytes."""
+
+    peak_rss_bytes: int
+    peak_pyarrow_bytes: int
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return self.peak_rss_bytes / MiB
+
+    @property
+    def peak_pyarrow_mb(self) -> float:
+        return self.peak_pyarrow_bytes / MiB
+
+
+class WindowPeaks:
+    """The peaks in MB of the ``window`` an object holds (0 while it holds none)."""
+
+    window: PeakWindow | None
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return self.window.peak_rss_mb if self.window is not None else 0.0
+
+    @property
+    def peak_pyarrow_mb(self) -> float:
+        return self.window.peak_pyarrow_mb if self.window is not None else 0.0
+
+
 class OpenWindows:
     """The windows open on one monitor. Held weakly: a window nobody keeps (a stream dropped
     half-read) leaves by itself."""
@@ -78,7 +107,7 @@ class OpenWindows:
         return [w for w in (ref() for ref in self._refs) if w is not None]
 
 
-class PeakWindow:
+class PeakWindow(PeaksInMB):
     """Peak RSS, peak PyArrow allocation and the worst level seen on ``monitor`` since it opened.
 
     Opens on construction, closes with ``close()`` or on leaving a ``with`` block; a closed
@@ -142,14 +171,6 @@ class PeakWindow:
         """The worst level any sample of the monitor saw in the window."""
         with self._registry.lock:
             return self._max_level
-
-    @property
-    def peak_rss_mb(self) -> float:
-        return self.peak_rss_bytes / MiB
-
-    @property
-    def peak_pyarrow_mb(self) -> float:
-        return self.peak_pyarrow_bytes / MiB
 
     @property
     def duration_s(self) -> float:

@@ -33,6 +33,7 @@ from memsafe_dagster.memory import (
     SamplingRequest,
 )
 from memsafe_dagster.memory.process import current_rss_bytes
+from memsafe_dagster.memory.window import WindowPeaks
 
 NORMAL = MemoryPressureLevel.NORMAL
 WARNING = MemoryPressureLevel.WARNING
@@ -45,8 +46,11 @@ RELEASE_FRACTION = 0.5
 MIN_CHUNK_ROWS = 8_192
 
 
-class MergeGuard:
-    """Pressure checks, adaptive chunk sizes, a concurrency limit, the merge's window, progress."""
+class MergeGuard(WindowPeaks):
+    """Pressure checks, adaptive chunk sizes, a concurrency limit, the merge's window, progress.
+
+    ``peak_rss_mb``, ``peak_pyarrow_mb`` and ``max_pressure`` are those of the merge's window.
+    """
 
     def __init__(
         self,
@@ -100,16 +104,6 @@ class MergeGuard:
             self.monitor.sample()
         if self.window is not None:
             self.window.close()
-
-    @property
-    def peak_rss_mb(self) -> float:
-        """Peak RSS during the merge (0 before it started)."""
-        return self.window.peak_rss_mb if self.window is not None else 0.0
-
-    @property
-    def peak_pyarrow_mb(self) -> float:
-        """Peak PyArrow allocation during the merge (0 before it started)."""
-        return self.window.peak_pyarrow_mb if self.window is not None else 0.0
 
     @property
     def max_pressure(self) -> MemoryPressureLevel:
