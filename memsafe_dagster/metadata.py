@@ -8,12 +8,13 @@ process (``MemoryLimits.limit_bytes``: the smallest of env overrides, cgroup lim
 peak RSS. The budgets pressure is classified against (a share of that limit) are in
 ``memsafe/budgets``.
 
-A merge asset shares all of it::
+Memory figures always come from one ``PeakWindow``: a tracked block's window already holds what
+everything sampling the same monitor inside it saw (a merge's guard included). A merge asset::
 
     with memory.track(context, record=False) as tracker:
-        result = io.merge(...)
+        result = io.merge(..., memory_monitor=tracker.monitor)
     return MaterializeResult(
-        metadata={**tracker.metadata, **merge_metadata(result, tracker.monitor)}
+        metadata={**merge_metadata(result, tracker.monitor, figures=tracker.figures)}
     )
 """
 
@@ -25,8 +26,9 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel, MemoryReading
+from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel, MemoryReading, PeakWindow
 from memsafe_dagster.memory.sizes import MiB
+from memsafe_dagster.memory.window import PeaksInMB
 
 PRESSURE = "memsafe/pressure"
 PEAK_RSS_MB = "memsafe/peak_rss_mb"
@@ -59,7 +61,7 @@ FAILURE_PREFIX = "memsafe: memory pressure EMERGENCY"
 
 
 @dataclass(frozen=True)
-class MemoryFigures:
+class MemoryFigures(PeaksInMB):
     """Peaks, worst level and the binding limit of one window (a step, a block, a merge)."""
 
     pressure: MemoryPressureLevel
@@ -69,27 +71,27 @@ class MemoryFigures:
     limit_source: str
 
     @classmethod
+    def from_window(
+        cls, window: PeakWindow, level: MemoryPressureLevel | None = None
+    ) -> "MemoryFigures":
+        """The window's peaks and worst level, with its monitor's limit (``level`` folds in a
+        level seen outside the monitor, e.g. by a stream's sizer)."""
+        pressure = window.max_pressure if level is None else max(window.max_pressure, level)
+        limits = window.monitor.limits
+        return cls(
+            pressure=pressure,
+            peak_rss_bytes=window.peak_rss_bytes,
+            peak_pyarrow_bytes=window.peak_pyarrow_bytes,
+            limit_bytes=limits.limit_bytes,
+            limit_source=limits.source,
+        )
+
+    @classmethod
     def from_monitor(
         cls, monitor: MemoryMonitor, level: MemoryPressureLevel | None = None
     ) -> "MemoryFigures":
-        """The monitor's peaks and worst level since its last reset (``level`` folds in a
-        level seen outside the monitor, e.g. by a stream's sizer)."""
-        pressure = monitor.max_pressure if level is None else max(monitor.max_pressure, level)
-        return cls(
-            pressure=pressure,
-            peak_rss_bytes=monitor.peak_rss_bytes,
-            peak_pyarrow_bytes=monitor.peak_pyarrow_bytes,
-            limit_bytes=monitor.limits.limit_bytes,
-            limit_source=monitor.limits.source,
-        )
-
-    @property
-    def peak_rss_mb(self) -> float:
-        return self.peak_rss_bytes / MiB
-
-    @property
-    def peak_pyarrow_mb(self) -> float:
-        return self.peak_pyarrow_bytes / MiB
+        """The monitor's own window: peaks and worst level since its last reset."""
+        return cls.from_window(monitor.window, level)
 
     @property
     def limit_mb(self) -> float:
@@ -102,11 +104,11 @@ class MemoryFigures:
 
 
 def memory_metadata(
-    figures: MemoryFigures | MemoryMonitor, *, chunks: int | None = None
+    figures: MemoryFigures | PeakWindow | MemoryMonitor, *, chunks: int | None = None
 ) -> dict[str, dg.MetadataValue]:
-    """The memsafe/* memory entries (pressure, peaks, limit, source, headroom[, chunks])."""
-    if isinstance(figures, MemoryMonitor):
-        figures = MemoryFigures.from_monitor(figures)
+    """The memsafe/* memory entries (pressure, peaks, limit, source, headroom[, chunks]) of
+    figures, a window, or a monitor's own window."""
+    figures = _figures(figures)
     out: dict[str, dg.MetadataValue] = {
         PRESSURE: dg.MetadataValue.text(figures.pressure.value),
         PEAK_RSS_MB: dg.MetadataValue.float(round(figures.peak_rss_mb, 2)),
@@ -118,6 +120,14 @@ def memory_metadata(
     if chunks is not None:
         out[CHUNKS] = dg.MetadataValue.int(int(chunks))
     return out
+
+
+def _figures(source: MemoryFigures | PeakWindow | MemoryMonitor) -> MemoryFigures:
+    if isinstance(source, MemoryMonitor):
+        return MemoryFigures.from_monitor(source)
+    if isinstance(source, PeakWindow):
+        return MemoryFigures.from_window(source)
+    return source
 
 
 def budgets_metadata(monitor: MemoryMonitor) -> dict[str, dg.MetadataValue]:
@@ -172,12 +182,18 @@ def stream_metadata(stats: Any) -> dict[str, dg.MetadataValue]:
 
 
 def merge_metadata(
-    result: Any, monitor: MemoryMonitor | None = None
+    result: Any,
+    monitor: MemoryMonitor | None = None,
+    *,
+    figures: MemoryFigures | PeakWindow | None = None,
+    chunks: int | None = None,
 ) -> dict[str, dg.MetadataValue]:
-    """A ``MergeResult`` as metadata: the whole result as JSON, the three counts, its memory
-    figures (limit and source from ``monitor`` when given, else detected now)."""
-    from memsafe_dagster.memory import detect_memory_limits
+    """A ``MergeResult`` as metadata: the whole result as JSON, the three counts and the
+    memory entries.
 
+    Memory comes from ``figures`` (the step's window, which holds the merge's own peaks) when
+    given; else from the result's peaks, with the limit of ``monitor`` (else detected now).
+    """
     as_dict = _json_ready(result.to_dict())
     out: dict[str, dg.MetadataValue] = {
         MERGE: dg.MetadataValue.json(as_dict),
@@ -185,16 +201,24 @@ def merge_metadata(
         UPDATED: dg.MetadataValue.int(int(result.updated)),
         DELETED: dg.MetadataValue.int(int(result.deleted)),
     }
+    if figures is None:
+        figures = _result_figures(result, monitor)
+    out.update(memory_metadata(figures, chunks=chunks))
+    return out
+
+
+def _result_figures(result: Any, monitor: MemoryMonitor | None) -> MemoryFigures:
+    """The memory figures a ``MergeResult`` carries, for callers without a window."""
+    from memsafe_dagster.memory import detect_memory_limits
+
     limits = monitor.limits if monitor is not None else detect_memory_limits()
-    figures = MemoryFigures(
+    return MemoryFigures(
         pressure=MemoryPressureLevel.parse(result.max_pressure),
         peak_rss_bytes=int(float(result.peak_rss_mb) * MiB),
         peak_pyarrow_bytes=int(float(result.peak_pyarrow_mb) * MiB),
         limit_bytes=limits.limit_bytes,
         limit_source=limits.source,
     )
-    out.update(memory_metadata(figures))
-    return out
 
 
 def _json_ready(value: Any) -> Any:

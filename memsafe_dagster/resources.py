@@ -20,7 +20,8 @@ from memsafe_dagster.memory import (
     MemoryMonitor,
     MemoryPressureError,
     MemoryPressureLevel,
-    MemoryReading,
+    PeakWindow,
+    SamplingRequest,
     detect_memory_limits,
 )
 
@@ -202,26 +203,33 @@ def check_pressure(
     stage: str,
     *,
     extra: Mapping[str, Any] | None = None,
+    window: PeakWindow | None = None,
 ) -> MemoryPressureLevel:
-    """``MemoryMonitorResource.check`` for any monitor (the tracker and IO manager use it)."""
+    """``MemoryMonitorResource.check`` for any monitor (the tracker and IO manager use it);
+    peaks reported are those of ``window`` (default: the monitor's own)."""
     reading, level = monitor.sample()
     if level is EMERGENCY:
         gc.collect()
         reading, level = monitor.sample()
-    _log_level(context, monitor, level, stage)
+    _log_level(context, monitor, level, stage, window)
     if level is EMERGENCY:
-        raise md.pressure_failure(stage, monitor, reading=reading, extra=extra)
+        figures = md.MemoryFigures.from_window(window) if window is not None else None
+        raise md.pressure_failure(stage, monitor, figures=figures, reading=reading, extra=extra)
     return level
 
 
 def _log_level(
-    context: Any, monitor: MemoryMonitor, level: MemoryPressureLevel, stage: str
+    context: Any,
+    monitor: MemoryMonitor,
+    level: MemoryPressureLevel,
+    stage: str,
+    window: PeakWindow | None = None,
 ) -> None:
     if level < WARNING:
         return
     logger = _log(context)
     message = f"memsafe: memory pressure {level.value.upper()} during {stage}: " + (
-        monitor.get_detailed_status()
+        monitor.get_detailed_status(window)
     )
     if level >= CRITICAL:
         logger.error(message)
@@ -232,9 +240,11 @@ def _log_level(
 class MemoryTracker:
     """What ``MemoryMonitorResource.track`` yields: peaks, worst level and chunks of one block.
 
-    It watches through its own ``MemoryMonitor`` (same budgets and limits as the resource's,
-    separate peaks), so a stream can be attached to ``tracker.monitor`` and the sizer's checks
-    count towards the block's figures.
+    It watches the resource's monitor through a window of its own (nested tracks keep their
+    own peaks), and asks the monitor's one sampler for ``sampling_interval_s``. Everything that
+    samples the same monitor during the block feeds the window: a stream attached to
+    ``tracker.monitor``, a merge given it as ``memory_monitor``, their background sampling.
+    So ``figures`` already hold the worst of all of them.
     """
 
     def __init__(
@@ -245,41 +255,40 @@ class MemoryTracker:
         stage: str = "this block",
         sampling_interval_s: float = 0.1,
     ) -> None:
-        self.monitor = MemoryMonitor(
-            max_pyarrow_mb=monitor.max_pyarrow_mb,
-            max_process_memory_mb=monitor.max_process_memory_mb,
-            min_system_available_mb=monitor.min_system_available_mb,
-            limits=monitor.limits,
-        )
+        self.monitor = monitor
         self.context = context
         self.stage = stage
         self.sampling_interval_s = sampling_interval_s
         self.chunks: int | None = None
         self.extra: dict[str, Any] = {}
-        self._figures: md.MemoryFigures | None = None
-        self._last_reading: MemoryReading | None = None
+        self.window: PeakWindow | None = None
+        self._sampling: SamplingRequest | None = None
 
     def __enter__(self) -> "MemoryTracker":
-        self.monitor.reset_peaks()
-        self._last_reading, _ = self.monitor.sample()
+        self.window = PeakWindow(self.monitor)
+        self.monitor.sample()
         if self.sampling_interval_s > 0:
-            self.monitor.start_sampling(self.sampling_interval_s)
+            self._sampling = self.monitor.sampler.request(self.sampling_interval_s)
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self.monitor.stop_sampling()
-        self._last_reading, _ = self.monitor.sample()
-        self._figures = md.MemoryFigures.from_monitor(self.monitor)
+        if self._sampling is not None:
+            self._sampling.release()
+            self._sampling = None
+        self.monitor.sample()
+        window = self._window().close()
         if isinstance(exc, MemoryPressureError):
             raise self.failure(detail=str(exc)) from exc
-        if exc is None and self._figures.pressure >= WARNING:
-            _log_level(self.context, self.monitor, self._figures.pressure, self.stage)
+        if exc is None and window.max_pressure >= WARNING:
+            _log_level(self.context, self.monitor, window.max_pressure, self.stage, window)
 
     # -- during the block ---------------------------------------------------------------------
 
     def check(self, stage: str | None = None) -> MemoryPressureLevel:
         """Check now (logs WARNING and above; the memsafe Failure at EMERGENCY)."""
-        return check_pressure(self.monitor, self.context, stage or self.stage, extra=self.extra)
+        return check_pressure(
+            self.monitor, self.context, stage or self.stage, extra=self.extra, window=self.window
+        )
 
     def add_chunks(self, count: int = 1) -> None:
         """Count chunks processed in the block (reported as ``memsafe/chunks``)."""
@@ -300,9 +309,12 @@ class MemoryTracker:
     @property
     def figures(self) -> md.MemoryFigures:
         """Final figures after the block; live figures while it runs."""
-        if self._figures is not None:
-            return self._figures
-        return md.MemoryFigures.from_monitor(self.monitor)
+        return md.MemoryFigures.from_window(self._window())
+
+    def _window(self) -> PeakWindow:
+        if self.window is None:
+            raise RuntimeError("MemoryTracker has no figures before its block starts")
+        return self.window
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from memory_helpers import reading
 
 from memsafe_dagster import metadata as md
 from memsafe_dagster.datasets import ChunkStream, MergeResult
-from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel
+from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel, PeakWindow
 
 
 def test_keys_are_the_design_names() -> None:
@@ -160,3 +160,34 @@ def test_pressure_failure_names_stage_signal_peak_and_limit(signals: dict, expec
     assert meta[md.STAGE] == "writing asset sales"
     assert meta[md.CHUNK_SIZE_ROWS] == 500
     assert meta[md.PEAK_RSS_MB] >= signals.get("rss_mb", 0)
+
+
+def test_merge_metadata_takes_its_memory_from_the_steps_figures_when_given() -> None:
+    result = MergeResult(
+        strategy="upsert",
+        inserted=1,
+        peak_rss_mb=250.0,
+        peak_pyarrow_mb=40.0,
+        max_pressure=MemoryPressureLevel.NORMAL,
+    )
+    monitor = MemoryMonitor(limits=fixed_limits(1000, "cgroup-v1"))
+    step = md.MemoryFigures(
+        pressure=MemoryPressureLevel.WARNING,
+        peak_rss_bytes=300 * MiB,
+        peak_pyarrow_bytes=60 * MiB,
+        limit_bytes=1000 * MiB,
+        limit_source="cgroup-v1",
+    )
+    out = plain(md.merge_metadata(result, monitor, figures=step, chunks=7))
+    assert out[md.INSERTED] == 1 and out[md.MERGE]["peak_rss_mb"] == 250.0
+    assert (out[md.PRESSURE], out[md.PEAK_RSS_MB], out[md.PEAK_PYARROW_MB]) == ("warning", 300, 60)
+    assert out[md.HEADROOM_MB] == 700.0 and out[md.CHUNKS] == 7
+
+
+def test_memory_metadata_of_a_window() -> None:
+    monitor = MemoryMonitor(limits=fixed_limits(1000, "cgroup-v1"))
+    with PeakWindow(monitor) as window:
+        monitor.sample()
+    out = plain(md.memory_metadata(window))
+    assert out == plain(md.memory_metadata(md.MemoryFigures.from_window(window)))
+    assert out[md.PEAK_RSS_MB] == round(window.peak_rss_mb, 2) and out[md.LIMIT_MB] == 1000

@@ -1,11 +1,14 @@
 """MemoryMonitorResource: profiles, EnvVar config, check() levels and Failure, track() metadata."""
 
 import logging
+import threading
 import time
+from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from dagster_helpers import (
     MiB,
@@ -17,8 +20,10 @@ from dagster_helpers import (
 )
 
 from memsafe_dagster import metadata as md
+from memsafe_dagster.datasets.merge import merge_dataset
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError, MemoryPressureLevel
-from memsafe_dagster.resources import MemoryMonitorResource
+from memsafe_dagster.memory.sampler import THREAD_NAME
+from memsafe_dagster.resources import MemoryMonitorResource, MemoryTracker
 
 LIMIT_SOURCES = {
     "env:MEMSAFE_MEMORY_LIMIT",
@@ -268,3 +273,57 @@ def test_track_records_on_an_io_managers_output_context() -> None:
     assert logged[md.CHUNKS] == 2
     assert set(md.MEMORY_KEYS) <= set(logged)
     assert tracker.stage == "asset written"
+
+
+def test_track_watches_the_resources_own_monitor() -> None:
+    resource = MemoryMonitorResource(max_pyarrow_mb=4096, sampling_interval_ms=10)
+    monitor = resource.get_monitor()
+    with resource.track() as tracker:
+        assert tracker.monitor is monitor
+        assert monitor.sampler.running and monitor.sampler.interval_s == 0.01
+        time.sleep(0.05)
+    assert not monitor.sampler.running
+    assert tracker.window is not None and tracker.window.closed
+    assert tracker.window.samples >= 3
+
+
+def test_a_track_around_a_merge_already_holds_what_the_merge_guard_saw(tmp_path: Path) -> None:
+    """The step's window and the merge guard's window watch one monitor with one sampler: the
+    tracker's figures are never below the merge result's, so nothing needs reconciling."""
+
+    class WarmMonitor(MemoryMonitor):
+        def classify(self, reading) -> MemoryPressureLevel:
+            return MemoryPressureLevel.WARNING
+
+    target = tmp_path / "t"
+    target.mkdir()
+    pq.write_table(pa.table({"id": pa.array(range(20_000), pa.int64())}), target / "a.parquet")
+    source = pa.table({"id": pa.array(range(10_000, 30_000), pa.int64())})
+    monitor = WarmMonitor(max_pyarrow_mb=4096, min_system_available_mb=0, limits=fixed_limits())
+    during: list[tuple[int, float | None]] = []
+
+    def progress(done: int, total: int) -> None:
+        threads = [t for t in threading.enumerate() if t.name == THREAD_NAME]
+        during.append((len(threads), monitor.sampler.interval_s))
+
+    with MemoryTracker(monitor, sampling_interval_s=0.1) as tracker:
+        result = merge_dataset(
+            source,
+            str(target),
+            key_columns=["id"],
+            memory_monitor=monitor,
+            merge_chunk_size_rows=2_000,
+            merge_progress_callback=progress,
+        )
+    figures = tracker.figures
+    assert result.max_pressure is MemoryPressureLevel.WARNING
+    assert figures.pressure >= result.max_pressure
+    assert figures.peak_rss_bytes >= int(result.peak_rss_mb * MiB)
+    assert figures.peak_pyarrow_bytes >= int(result.peak_pyarrow_mb * MiB)
+    assert during and {count for count, _ in during} == {1}  # the guard has no thread of its own
+    # the guard's faster interval wins while it runs, the tracker's when the merge wraps up
+    assert {interval for _, interval in during} <= {0.05, 0.1}
+    assert min(interval for _, interval in during) == 0.05
+    assert not monitor.sampler.running
+    entries = md.merge_metadata(result, monitor, figures=figures)
+    assert {k: entries[k] for k in md.MEMORY_KEYS} == md.memory_metadata(figures)

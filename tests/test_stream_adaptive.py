@@ -5,7 +5,7 @@ from stream_helpers import CRITICAL, EMERGENCY, NORMAL, WARNING, ScriptedMonitor
 
 import memsafe_dagster.datasets.adaptive as adaptive_module
 from memsafe_dagster.datasets import AdaptiveChunkSizer, ChunkStream, process_in_chunks
-from memsafe_dagster.memory import MemoryPressureError
+from memsafe_dagster.memory import MemoryPressureError, PeakWindow
 
 
 @pytest.fixture
@@ -118,3 +118,26 @@ def test_sizer_as_a_plain_hook() -> None:
 def test_negative_check_interval_is_refused() -> None:
     with pytest.raises(ValueError, match="min_check_interval_s"):
         AdaptiveChunkSizer(ScriptedMonitor([NORMAL]), 10, min_check_interval_s=-1)
+
+
+def test_stream_peaks_are_a_window_opened_on_attach_and_closed_with_the_stream() -> None:
+    monitor = ScriptedMonitor([NORMAL])
+    stream = stream_of(30_000, monitor)
+    window = stream.stats.window
+    assert isinstance(window, PeakWindow) and window.monitor is monitor and not window.closed
+    list(stream)
+    assert window.closed and window.samples == monitor.checks
+    assert stream.stats.peak_rss_mb == window.peak_rss_mb > 0
+    assert stream.stats.peak_pyarrow_mb == window.peak_pyarrow_mb
+    doc = stream.stats.to_dict()
+    assert doc["peak_rss_mb"] == window.peak_rss_mb and "window" not in doc
+
+
+def test_a_stream_attached_twice_keeps_its_first_window() -> None:
+    monitor = ScriptedMonitor([NORMAL])
+    stream = stream_of(30_000, monitor)
+    first = stream.stats.window
+    again = process_in_chunks(stream, 10_000, memory_monitor=monitor, check_interval_s=0)
+    assert again is stream and stream.stats.window is first
+    list(stream)
+    assert first.closed

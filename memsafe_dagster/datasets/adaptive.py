@@ -6,7 +6,12 @@ import gc
 import time
 
 from memsafe_dagster.datasets.stream import ChunkStream
-from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError, MemoryPressureLevel
+from memsafe_dagster.memory import (
+    MemoryMonitor,
+    MemoryPressureError,
+    MemoryPressureLevel,
+    PeakWindow,
+)
 
 NORMAL = MemoryPressureLevel.NORMAL
 WARNING = MemoryPressureLevel.WARNING
@@ -78,11 +83,13 @@ class AdaptiveChunkSizer:
             self._last_gc = time.monotonic()
             level = self._check()
             if level is EMERGENCY:
-                status = self.monitor.get_memory_status()
+                window = stream.stats.window
+                status = self.monitor.get_memory_status(window)
+                detail = self.monitor.get_detailed_status(window)
                 stream.stats.max_pressure = max(stream.stats.max_pressure, level)
                 raise MemoryPressureError(
                     f"memory pressure EMERGENCY while {self.what} (chunk {stream.stats.chunks + 1},"
-                    f" {stream.stats.rows:,} rows done): {self.monitor.get_detailed_status()}",
+                    f" {stream.stats.rows:,} rows done): {detail}",
                     level=level,
                     status=status,
                 )
@@ -135,9 +142,10 @@ def attach_monitor(
     what: str = "streaming",
     min_check_interval_s: float = 0.0,
 ) -> ChunkStream:
-    """Make ``stream`` pressure-aware and record the monitor's peaks in its stats.
+    """Make ``stream`` pressure-aware and give its stats a window on ``monitor``.
 
-    Peaks are copied into ``stream.stats`` after every pressure check and on close.
+    The window opens now and closes with the stream; a stream that already has one (attached
+    earlier, so it has seen more) keeps it.
     """
     sizer = AdaptiveChunkSizer(
         monitor,
@@ -146,19 +154,7 @@ def attach_monitor(
         what=what,
         min_check_interval_s=min_check_interval_s,
     )
-
-    def record_peaks(_stream: ChunkStream = stream) -> None:
-        _stream.stats.peak_rss_mb = max(_stream.stats.peak_rss_mb, monitor.peak_rss_bytes / 2**20)
-        _stream.stats.peak_pyarrow_mb = max(
-            _stream.stats.peak_pyarrow_mb, monitor.peak_pyarrow_bytes / 2**20
-        )
-
-    def before(stream_: ChunkStream) -> None:
-        checks = sizer.checks
-        try:
-            sizer(stream_)
-        finally:
-            if sizer.checks != checks:
-                record_peaks(stream_)
-
-    return stream.add_hooks(before_chunk=before, on_close=record_peaks)
+    if stream.stats.window is None:
+        stream.stats.window = PeakWindow(monitor)
+        stream.add_hooks(on_close=stream.stats.window.close)
+    return stream.add_hooks(before_chunk=sizer)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 
 import pyarrow as pa
 
 from memsafe_dagster.datasets.schema import conform_batch, record_batches
-from memsafe_dagster.memory import MemoryPressureLevel
+from memsafe_dagster.memory import MemoryPressureLevel, PeakWindow
+from memsafe_dagster.memory.window import WindowPeaks
 
 Hook = Callable[["ChunkStream"], None]
 ChunkHook = Callable[["ChunkStream", pa.Table], None]
@@ -25,8 +26,12 @@ ErrorHook = Callable[[BaseException], "BaseException | None"]
 
 
 @dataclass
-class ChunkStats:
-    """What a stream did so far: chunks, rows, resizes and the memory seen while streaming."""
+class ChunkStats(WindowPeaks):
+    """What a stream did so far: chunks, rows, resizes and the memory seen while streaming.
+
+    The peaks are those of ``window``, the ``PeakWindow`` a monitor attached to the stream
+    opened (0 without one); ``max_pressure`` is the worst level the stream's sizer acted on.
+    """
 
     chunks: int = 0
     rows: int = 0
@@ -34,12 +39,11 @@ class ChunkStats:
     min_chunk_size_rows: int | None = None
     max_chunk_size_rows: int | None = None
     largest_chunk_rows: int = 0
-    peak_rss_mb: float = 0.0
-    peak_pyarrow_mb: float = 0.0
     max_pressure: MemoryPressureLevel = MemoryPressureLevel.NORMAL
     started_at: float | None = None
     finished_at: float | None = None
     sizes: list[int] = field(default_factory=list, repr=False)
+    window: PeakWindow | None = field(default=None, repr=False, compare=False)
 
     @property
     def duration_s(self) -> float:
@@ -48,9 +52,14 @@ class ChunkStats:
         return (self.finished_at or time.perf_counter()) - self.started_at
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("sizes")
-        out["max_pressure"] = self.max_pressure.value
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "max_pressure":
+                out["peak_rss_mb"] = self.peak_rss_mb
+                out["peak_pyarrow_mb"] = self.peak_pyarrow_mb
+                out["max_pressure"] = self.max_pressure.value
+            elif f.name not in ("sizes", "window"):
+                out[f.name] = getattr(self, f.name)
         out["duration_s"] = round(self.duration_s, 4)
         return out
 

@@ -1,9 +1,13 @@
-"""MemoryMonitor: PyArrow allocation, process RSS and container headroom, turned into a level."""
+"""MemoryMonitor: PyArrow allocation, process RSS and container headroom, turned into a level.
+
+It reads and classifies; what was seen over time lives in windows (``memory/window.py``), fed
+by every sample, and background sampling in its one shared sampler (``memory/sampler.py``).
+Its own peaks, "since the last ``reset_peaks()``", are simply the window it keeps open.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -13,8 +17,10 @@ import pyarrow as pa
 
 from memsafe_dagster.memory.limits import MemoryLimits, detect_memory_limits
 from memsafe_dagster.memory.pressure import MemoryPressureLevel
-from memsafe_dagster.memory.process import current_rss_bytes, peak_rss_bytes
+from memsafe_dagster.memory.process import current_rss_bytes
+from memsafe_dagster.memory.sampler import MemorySampler, SamplingRequest
 from memsafe_dagster.memory.sizes import MiB, format_mb
+from memsafe_dagster.memory.window import OpenWindows, PeakWindow
 
 NORMAL = MemoryPressureLevel.NORMAL
 WARNING = MemoryPressureLevel.WARNING
@@ -73,7 +79,8 @@ class MemoryMonitor:
     against their budgets (> 70 % WARNING, > 90 % CRITICAL, >= 100 % EMERGENCY) and available
     memory against ``min_system_available_mb`` (< 2x WARNING, < 1.5x CRITICAL, < 1x EMERGENCY).
     Available memory is container-aware: the cgroup or env limit minus the working set.
-    Every reading also updates peaks; a background sampler keeps them between checks.
+    Every sample feeds the windows open on the monitor (``PeakWindow(monitor)``), its own
+    included; ``sampler`` keeps them fed between checks.
     """
 
     def __init__(
@@ -90,9 +97,10 @@ class MemoryMonitor:
         )
         self.min_system_available_mb = _positive("min_system_available_mb", min_system_available_mb)
         self.limits = limits if limits is not None else detect_memory_limits()
-        self._lock = threading.Lock()
-        self._sampler: Any = None
-        self.reset_peaks()
+        self.windows = OpenWindows()
+        self.sampler = MemorySampler(self)
+        self._standing: SamplingRequest | None = None
+        self.window = PeakWindow(self)
 
     # -- constructors -------------------------------------------------------------------------
 
@@ -154,14 +162,10 @@ class MemoryMonitor:
         )
 
     def sample(self) -> tuple[MemoryReading, MemoryPressureLevel]:
-        """Read, classify and record peaks; what the sampler and every check call."""
+        """Read, classify and feed every open window; what the sampler and every check call."""
         reading = self.read()
         level = self.classify(reading)
-        with self._lock:
-            self._peak_pyarrow = max(self._peak_pyarrow, reading.pyarrow_bytes)
-            self._peak_rss = max(self._peak_rss, reading.rss_bytes)
-            self._max_level = max(self._max_level, level)
-            self._samples += 1
+        self.windows.observe(reading, level)
         return reading, level
 
     def check_memory_pressure(self) -> MemoryPressureLevel:
@@ -177,54 +181,48 @@ class MemoryMonitor:
     # -- peaks --------------------------------------------------------------------------------
 
     def reset_peaks(self) -> None:
-        """Start a new window for peaks and the worst level seen."""
-        with self._lock:
-            self._peak_pyarrow = pa.total_allocated_bytes()
-            self._peak_rss = current_rss_bytes()
-            self._max_level = NORMAL
-            self._samples = 0
-            self._hwm_baseline = peak_rss_bytes() or 0
-            self._pool_baseline = _pool_max_memory()
+        """Start a new window for the monitor's own peaks and worst level."""
+        previous, self.window = self.window, PeakWindow(self)
+        previous.close()
 
     @property
     def peak_rss_bytes(self) -> int:
         """Peak RSS since the last reset: exact when the kernel's high-water mark rose in it."""
-        hwm = peak_rss_bytes() or 0
-        with self._lock:
-            sampled = self._peak_rss
-            baseline = self._hwm_baseline
-        return max(sampled, hwm) if hwm > baseline else sampled
+        return self.window.peak_rss_bytes
 
     @property
     def peak_pyarrow_bytes(self) -> int:
         """Peak PyArrow allocation since the last reset (the pool's own maximum when it rose)."""
-        pool_max = _pool_max_memory()
-        with self._lock:
-            sampled = self._peak_pyarrow
-            baseline = self._pool_baseline
-        return max(sampled, pool_max) if pool_max > baseline else sampled
+        return self.window.peak_pyarrow_bytes
 
     @property
     def max_pressure(self) -> MemoryPressureLevel:
         """The worst level any check or sample saw since the last reset."""
-        with self._lock:
-            return self._max_level
+        return self.window.max_pressure
 
     # -- reports ------------------------------------------------------------------------------
 
-    def get_memory_status(self) -> dict[str, Any]:
-        """Current figures in MB, peaks since the last reset, the limit and the level."""
+    def get_memory_status(self, window: PeakWindow | None = None) -> dict[str, Any]:
+        """Current figures in MB, the peaks of ``window`` (default: since the last reset), the
+        limit and the level."""
         reading, level = self.sample()
-        return self.status_of(reading, level)
+        return self.status_of(reading, level, window)
 
-    def status_of(self, reading: MemoryReading, level: MemoryPressureLevel) -> dict[str, Any]:
-        """The status dict for a reading already taken."""
+    def status_of(
+        self,
+        reading: MemoryReading,
+        level: MemoryPressureLevel,
+        window: PeakWindow | None = None,
+    ) -> dict[str, Any]:
+        """The status dict for a reading already taken (peaks of ``window``, default the
+        monitor's own)."""
+        window = window if window is not None else self.window
         available = reading.available_bytes
         return {
             "pyarrow_allocated_mb": round(reading.pyarrow_bytes / MiB, 2),
-            "pyarrow_peak_mb": round(self.peak_pyarrow_bytes / MiB, 2),
+            "pyarrow_peak_mb": round(window.peak_pyarrow_bytes / MiB, 2),
             "process_rss_mb": round(reading.rss_bytes / MiB, 2),
-            "process_peak_mb": round(self.peak_rss_bytes / MiB, 2),
+            "process_peak_mb": round(window.peak_rss_bytes / MiB, 2),
             "system_available_mb": None if available is None else round(available / MiB, 2),
             "working_set_mb": (
                 None
@@ -239,8 +237,10 @@ class MemoryMonitor:
             "pressure": level.value,
         }
 
-    def get_detailed_status(self) -> str:
-        """One readable line with every figure and the level."""
+    def get_detailed_status(self, window: PeakWindow | None = None) -> str:
+        """One readable line with every figure and the level (peak of ``window``, default
+        since the last reset)."""
+        window = window if window is not None else self.window
         reading, level = self.sample()
         process_budget = (
             f"/{self.max_process_memory_mb:.0f}MB" if self.max_process_memory_mb else ""
@@ -251,38 +251,36 @@ class MemoryMonitor:
             f"rss={format_mb(reading.rss_bytes)}{process_budget} "
             f"available={format_mb(reading.available_bytes)} "
             f"(min {self.min_system_available_mb:.0f}MB) "
-            f"peak_rss={format_mb(self.peak_rss_bytes)} "
+            f"peak_rss={format_mb(window.peak_rss_bytes)} "
             f"limit={self.limits.describe()}"
         )
 
     # -- background sampling ------------------------------------------------------------------
 
     def start_sampling(self, interval_s: float = 0.1) -> None:
-        """Sample in a daemon thread every ``interval_s`` so peaks between checks are kept."""
-        from memsafe_dagster.memory.sampler import MemorySampler
+        """Keep the sampler running every ``interval_s`` (at most) until ``stop_sampling()``.
 
-        if self._sampler is not None and self._sampler.running:
-            return
-        self._sampler = MemorySampler(self, interval_s=interval_s)
-        self._sampler.start()
+        A no-op when this was already asked for; other users of the sampler are unaffected.
+        """
+        if self._standing is None:
+            self._standing = self.sampler.request(interval_s)
 
     def stop_sampling(self) -> None:
-        """Stop the background sampler (no-op when none runs)."""
-        if self._sampler is not None:
-            self._sampler.stop()
-            self._sampler = None
+        """Withdraw ``start_sampling``'s request; the thread stops unless others still ask."""
+        standing, self._standing = self._standing, None
+        if standing is not None:
+            standing.release()
 
     @contextlib.contextmanager
     def sampling(self, interval_s: float = 0.1) -> Iterator[MemoryMonitor]:
-        """Sample in the background for the duration of the block."""
-        already = self._sampler is not None and self._sampler.running
-        if not already:
-            self.start_sampling(interval_s)
-        try:
+        """Sample in the background (at least every ``interval_s``) for the block."""
+        with self.sampler.request(interval_s):
             yield self
-        finally:
-            if not already:
-                self.stop_sampling()
+
+    @property
+    def _sampler(self) -> MemorySampler | None:
+        """The sampler while its thread runs, else None (benchmarks read its cpu_seconds)."""
+        return self.sampler if self.sampler.running else None
 
     def __repr__(self) -> str:
         return (
@@ -291,11 +289,3 @@ class MemoryMonitor:
             f"min_system_available_mb={self.min_system_available_mb}, "
             f"limit={self.limits.describe()})"
         )
-
-
-def _pool_max_memory() -> int:
-    try:
-        value = pa.default_memory_pool().max_memory()
-    except (AttributeError, NotImplementedError):
-        return 0
-    return int(value) if value and value > 0 else 0

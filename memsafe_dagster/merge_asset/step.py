@@ -33,15 +33,13 @@ from memsafe_dagster.datasets.merge.result import MergeResult
 from memsafe_dagster.datasets.merge.target import load_target
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.datasets.unique import UniqueKeysReport
-from memsafe_dagster.memory import MemoryPressureLevel
-from memsafe_dagster.memory.sizes import MiB
 from memsafe_dagster.merge_asset.checks import (
     headroom_check,
     unique_keys_check,
     unique_keys_report,
 )
 from memsafe_dagster.merge_asset.spec import MergeAssetSpec
-from memsafe_dagster.resources import MemoryMonitorResource, MemoryTracker
+from memsafe_dagster.resources import MemoryMonitorResource
 
 # Materialization metadata beyond DESIGN.md's table.
 INBOX_FILES = "memsafe/inbox_files"
@@ -147,10 +145,9 @@ def materialize_merge(
         if spec.check_unique_keys:
             unique = unique_keys_report(spec, fs, target_stripped, monitor)
 
-    figures = _step_figures(tracker, result)
+    figures = tracker.figures  # the step's window: it already holds what the merge guard saw
     metadata: dict[str, Any] = {
-        **md.merge_metadata(result, monitor),
-        **md.memory_metadata(figures, chunks=_chunks(data)),
+        **md.merge_metadata(result, monitor, figures=figures, chunks=_chunks(data)),
         **md.budgets_metadata(monitor),
         **tracker.extra,
     }
@@ -212,18 +209,6 @@ def _unchanged_result(
 
 def _chunks(data: Any) -> int | None:
     return data.stats.chunks if isinstance(data, ChunkStream) else None
-
-
-def _step_figures(tracker: MemoryTracker, result: MergeResult) -> md.MemoryFigures:
-    """The step's figures: the worse of the tracker's sampling and the merge's own guard."""
-    figures = tracker.figures
-    return md.MemoryFigures(
-        pressure=max(figures.pressure, MemoryPressureLevel.parse(result.max_pressure)),
-        peak_rss_bytes=max(figures.peak_rss_bytes, int(result.peak_rss_mb * MiB)),
-        peak_pyarrow_bytes=max(figures.peak_pyarrow_bytes, int(result.peak_pyarrow_mb * MiB)),
-        limit_bytes=figures.limit_bytes,
-        limit_source=figures.limit_source,
-    )
 
 
 def _progress_logger(context: dg.AssetExecutionContext) -> Callable[[int, int], None]:

@@ -8,7 +8,11 @@ about 275 MB). CRITICAL processes one file at a time (the files in flight hold m
 merge's memory), halves the chunks, collects garbage and returns cached memory to the OS;
 EMERGENCY does both, rechecks, and raises ``MemoryPressureError`` naming the phase. Chunks do
 not shrink at WARNING: in a merge the row group being written, not the chunk, dominates, and
-small chunks only cost time. A background sampler keeps the peaks between checks.
+small chunks only cost time.
+
+The guard keeps no figures of its own: it opens a ``PeakWindow`` on the monitor it is given and
+asks the monitor's one sampler to sample at least every ``sample_interval_s``, so the merge's
+peaks come from the same readings as those of any window around it (a Dagster step's).
 """
 
 from __future__ import annotations
@@ -21,8 +25,15 @@ from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
-from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError, MemoryPressureLevel
-from memsafe_dagster.memory.process import current_rss_bytes, peak_rss_bytes
+from memsafe_dagster.memory import (
+    MemoryMonitor,
+    MemoryPressureError,
+    MemoryPressureLevel,
+    PeakWindow,
+    SamplingRequest,
+)
+from memsafe_dagster.memory.process import current_rss_bytes
+from memsafe_dagster.memory.window import WindowPeaks
 
 NORMAL = MemoryPressureLevel.NORMAL
 WARNING = MemoryPressureLevel.WARNING
@@ -35,8 +46,11 @@ RELEASE_FRACTION = 0.5
 MIN_CHUNK_ROWS = 8_192
 
 
-class MergeGuard:
-    """Pressure checks, adaptive chunk sizes, a concurrency limit, peaks and progress."""
+class MergeGuard(WindowPeaks):
+    """Pressure checks, adaptive chunk sizes, a concurrency limit, the merge's window, progress.
+
+    ``peak_rss_mb``, ``peak_pyarrow_mb`` and ``max_pressure`` are those of the merge's window.
+    """
 
     def __init__(
         self,
@@ -52,10 +66,7 @@ class MergeGuard:
         self.requested_rows = chunk_rows
         self._chunk_rows = chunk_rows
         self._calm = 0
-        self.level = NORMAL
-        self.max_pressure = NORMAL
-        self.peak_rss = 0
-        self.peak_pyarrow = 0
+        self.window: PeakWindow | None = None
         self.phase = "starting"
         self._callback = progress_callback
         self._done = 0
@@ -64,9 +75,7 @@ class MergeGuard:
         self._slots = threading.Condition()
         self._active = 0
         self._interval = sample_interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._hwm_start = peak_rss_bytes() or 0
+        self._sampling: SamplingRequest | None = None
         # PyArrow's allocator keeps freed memory for reuse; past RELEASE_FRACTION of the process
         # budget (or of the PyArrow budget) checks hand it back to the OS (about 1 ms).
         budget_mb = monitor.max_process_memory_mb or monitor.max_pyarrow_mb
@@ -77,43 +86,34 @@ class MergeGuard:
         self._released_at_rss = 0
         self.start_rss = 0
 
-    # -- sampling ---------------------------------------------------------------------------
+    # -- the window -------------------------------------------------------------------------
 
     def __enter__(self) -> MergeGuard:
-        reading, level = self.monitor.sample()
+        self.window = PeakWindow(self.monitor)
+        reading, _level = self.monitor.sample()
         self.start_rss = reading.rss_bytes
-        self._record(reading, level)
-        self._thread = threading.Thread(target=self._run, name="memsafe-merge-guard", daemon=True)
-        self._thread.start()
+        if self._interval > 0:
+            self._sampling = self.monitor.sampler.request(self._interval)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
+        if self._sampling is not None:
+            self._sampling.release()
+            self._sampling = None
         with contextlib.suppress(Exception):
-            self._record(*self.monitor.sample())
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            with contextlib.suppress(Exception):
-                self._record(*self.monitor.sample())
-
-    def _record(self, reading, level: MemoryPressureLevel) -> None:
-        self.peak_rss = max(self.peak_rss, reading.rss_bytes)
-        self.peak_pyarrow = max(self.peak_pyarrow, reading.pyarrow_bytes)
-        self.max_pressure = max(self.max_pressure, level)
-        self.level = level
+            self.monitor.sample()
+        if self.window is not None:
+            self.window.close()
 
     @property
-    def peak_rss_mb(self) -> float:
-        hwm = peak_rss_bytes() or 0
-        peak = max(self.peak_rss, hwm) if hwm > self._hwm_start else self.peak_rss
-        return peak / 2**20
+    def max_pressure(self) -> MemoryPressureLevel:
+        """The worst level any sample saw during the merge."""
+        return self.window.max_pressure if self.window is not None else NORMAL
 
     @property
-    def peak_pyarrow_mb(self) -> float:
-        return self.peak_pyarrow / 2**20
+    def level(self) -> MemoryPressureLevel:
+        """The level of the latest sample (a check's or the background sampler's)."""
+        return self.window.last_level if self.window is not None else NORMAL
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -121,20 +121,18 @@ class MergeGuard:
         """Read the pressure level and act on it; raises at EMERGENCY."""
         self.phase = phase
         reading, level = self.monitor.sample()
-        self._record(reading, level)
         if self._release_above is not None and reading.rss_bytes > self._release_above:
             self._release_if_grown(reading.rss_bytes)
         if level is EMERGENCY or (level is CRITICAL and time.monotonic() - self._collected > 0.5):
             _release_memory()  # a full collection costs: at most every half second unless dire
             self._collected = time.monotonic()
             reading, level = self.monitor.sample()
-            self._record(reading, level)
             if level is EMERGENCY:
-                status = self.monitor.status_of(reading, level)
+                status = self.monitor.status_of(reading, level, self.window)
+                detail = self.monitor.get_detailed_status(self.window)
                 raise MemoryPressureError(
-                    f"memory pressure EMERGENCY during merge phase '{phase}': "
-                    f"{self.monitor.get_detailed_status()}. Nothing was committed; the target "
-                    f"is unchanged. {self._advice()}",
+                    f"memory pressure EMERGENCY during merge phase '{phase}': {detail}. "
+                    f"Nothing was committed; the target is unchanged. {self._advice()}",
                     level=level,
                     status=status,
                 )
