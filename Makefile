@@ -9,18 +9,20 @@ BENCH  ?= quick
 # The demo's data and its own Dagster instance (`make ui` shows what `make demo` ran).
 DEMO_DATA := $(abspath $(or $(MEMSAFE_DEMO_DATA),.memsafe_data))
 
-.PHONY: demo test ui bench lint format clean
+.PHONY: demo test ui bench lint format clean constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(DEV): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[dev]"
+# Installs are pinned by constraints.txt (the versions the suite last passed with); pyproject.toml
+# keeps the ranges a user's own install resolves within.
+$(DEV): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-$(BENCHX): pyproject.toml | $(DEV)
-	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+$(BENCHX): pyproject.toml constraints.txt | $(DEV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,bench]"
 	touch $@
 
 demo: $(DEV)
@@ -44,6 +46,17 @@ lint: $(DEV)
 format: $(DEV)
 	$(BIN)/ruff check --fix memsafe_dagster tests benchmarks
 	$(BIN)/ruff format memsafe_dagster tests benchmarks
+
+# Re-resolve every dependency in a fresh venv and write what it installed to constraints.txt.
+constraints:
+	rm -rf .venv-constraints
+	$(PYTHON) -m venv .venv-constraints
+	.venv-constraints/bin/python -m pip install -q --upgrade pip
+	.venv-constraints/bin/python -m pip install -q -e ".[dev,bench]"
+	{ sed -n '1,3p' constraints.txt; .venv-constraints/bin/python -m pip freeze --exclude-editable \
+		| grep -v '^memsafe'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-constraints
 
 clean:
 	rm -rf $(VENV) .memsafe_data .pytest_cache
