@@ -14,18 +14,17 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from memsafe_dagster.datasets.commit import DatasetTransaction
 from memsafe_dagster.datasets.keys import KeyCodec
 from memsafe_dagster.datasets.merge.bits import BitSet
 from memsafe_dagster.datasets.merge.budget import MergeBudget
 from memsafe_dagster.datasets.merge.guard import MergeGuard
 from memsafe_dagster.datasets.merge.request import MergeRequest
 from memsafe_dagster.datasets.merge.spill import IpcSpool, Reservoir
+from memsafe_dagster.datasets.merge.store import MergeTarget, TargetWrite
 from memsafe_dagster.datasets.merge.strategy import StrategyRule
 from memsafe_dagster.datasets.merge.target import TargetDataset
 from memsafe_dagster.datasets.sink import SettingsProvider
@@ -82,11 +81,9 @@ class MergeRun:
 
     request: MergeRequest
     budget: MergeBudget
-    fs: fsspec.AbstractFileSystem
-    afs: pafs.FileSystem
-    target: str
+    target: MergeTarget
     guard: MergeGuard
-    txn: DatasetTransaction
+    write: TargetWrite
     dataset: TargetDataset
     schema: pa.Schema
     codec: KeyCodec
@@ -98,6 +95,11 @@ class MergeRun:
     abort: threading.Event = field(default_factory=threading.Event)
     _names: int = 0
     _name_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def afs(self) -> pafs.FileSystem:
+        """Where target files are read and new files are written."""
+        return self.target.afs
 
     @property
     def rule(self) -> StrategyRule:
@@ -112,8 +114,8 @@ class MergeRun:
         with self._name_lock:
             n = self._names
             self._names += 1
-        name = f"{prefix}-{self.txn.txn}-{n:05d}.parquet"
-        return self.txn.new_file(f"{directory}/{name}" if directory else name)
+        name = f"{prefix}-{self.write.txn}-{n:05d}.parquet"
+        return self.write.new_file(f"{directory}/{name}" if directory else name)
 
     def background_writes(self, concurrent_tasks: int) -> bool:
         """Whether outputs encode in their own threads (see ``MergeOptions.background_writes``):

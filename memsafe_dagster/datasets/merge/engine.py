@@ -20,17 +20,14 @@ Phases (each checks memory pressure at every chunk or row group; each is a funct
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pyarrow as pa
 
-from memsafe_dagster.datasets.commit import DatasetTransaction, crash_point
-from memsafe_dagster.datasets.filesystem import arrow_filesystem, is_local, join
+from memsafe_dagster.datasets.commit import crash_point
 from memsafe_dagster.datasets.keys import KeyCodec, check_key_type
 from memsafe_dagster.datasets.merge.budget import MergeBudget, merge_monitor
 from memsafe_dagster.datasets.merge.context import Matched, MergeRun
@@ -43,7 +40,8 @@ from memsafe_dagster.datasets.merge.result import MergeResult
 from memsafe_dagster.datasets.merge.rewrite import SourceWrite, write_phase
 from memsafe_dagster.datasets.merge.source import open_source
 from memsafe_dagster.datasets.merge.spill import SpillDir
-from memsafe_dagster.datasets.merge.target import TargetDataset, load_target
+from memsafe_dagster.datasets.merge.store import MergeTarget, ParquetTarget, TargetWrite
+from memsafe_dagster.datasets.merge.target import TargetDataset
 from memsafe_dagster.datasets.merge.validate import SourceConformer
 from memsafe_dagster.datasets.sink import OutputSink, SettingsProvider
 from memsafe_dagster.datasets.source import TabularSource
@@ -53,15 +51,18 @@ log = logging.getLogger(__name__)
 
 
 def run_merge(
-    data: object, target: str, fs: fsspec.AbstractFileSystem, request: MergeRequest
+    data: object,
+    target: str | MergeTarget,
+    fs: fsspec.AbstractFileSystem | None,
+    request: MergeRequest,
 ) -> MergeResult:
-    """Merge ``data`` into the dataset at ``target`` (a path on ``fs``) as ``request`` says."""
-    target = target.rstrip("/") or "/"
-    if fs.isfile(target):
-        raise ValueError(
-            f"target {target!r} is a file; a merge target is a dataset directory "
-            "(it may not exist yet)"
-        )
+    """Merge ``data`` into ``target`` as ``request`` says: a ``MergeTarget``, or the path of a
+    Parquet dataset directory on ``fs``."""
+    if isinstance(target, str):
+        if fs is None:
+            raise ValueError("run_merge: a target path needs its filesystem")
+        target = ParquetTarget(fs, target)
+    target.check()
     started = time.perf_counter()
     monitor = merge_monitor(request)
     options = request.options
@@ -70,37 +71,25 @@ def run_merge(
         monitor, workers=workers, chunk_rows=request.chunk_rows, progress_callback=request.progress
     )
     result = MergeResult(strategy=request.strategy)
-    existed = fs.exists(target)
     with merge_memory_pool(options.memory_pool), guard:
+        guard.check("validation")
+        with timed(result.phases_s, "open"):
+            source = open_source(data, chunk_rows=request.chunk_rows, filesystem=target.fs)
         try:
-            guard.check("validation")
-            with timed(result.phases_s, "open"):
-                source = open_source(data, chunk_rows=request.chunk_rows, filesystem=fs)
-            try:
-                with DatasetTransaction(
-                    fs,
+            with target.open(f"merge:{request.strategy}", options) as write:
+                result.txn = write.txn
+                _run_locked(
+                    request,
+                    MergeBudget.of(monitor, options),
                     target,
-                    operation=f"merge:{request.strategy}",
-                    lock_timeout_s=options.lock_timeout_s,
-                    durable=options.durable,
-                ) as txn:
-                    result.txn = txn.txn
-                    _run_locked(
-                        request,
-                        MergeBudget.of(monitor, options),
-                        fs,
-                        target,
-                        guard,
-                        txn,
-                        source,
-                        result,
-                        workers,
-                    )
-            finally:
-                source.close()
+                    guard,
+                    write,
+                    source,
+                    result,
+                    workers,
+                )
         finally:
-            if not result.committed and not existed:
-                _remove_empty_tree(fs, target)
+            source.close()
     guard.finish_progress()
     result.duration_s = time.perf_counter() - started
     result.peak_rss_mb = guard.peak_rss_mb
@@ -112,19 +101,17 @@ def run_merge(
 def _run_locked(
     request: MergeRequest,
     budget: MergeBudget,
-    fs: fsspec.AbstractFileSystem,
-    target: str,
+    target: MergeTarget,
     guard: MergeGuard,
-    txn: DatasetTransaction,
+    write: TargetWrite,
     source: TabularSource,
     result: MergeResult,
     workers: int,
 ) -> None:
-    afs = arrow_filesystem(fs)
     keys = request.keys
     rule = request.rule
     with timed(result.phases_s, "plan"):
-        dataset = load_target(fs, afs, target, keys)
+        dataset = write.load(keys)
     schema = dataset.schema
     if schema is None:
         schema = source.schema
@@ -149,17 +136,15 @@ def _run_locked(
     # Row groups are sized for the files wanted at once; the files that fit follow from them.
     row_group_rows = request.options.row_group_size or budget.row_group_rows(row_bytes, workers)
     workers = _affordable_workers(
-        request, budget, target, source, workers, row_group_rows, row_bytes
+        request, budget, target.name, source, workers, row_group_rows, row_bytes
     )
     guard.workers = workers
     run = MergeRun(
         request=request,
         budget=budget,
-        fs=fs,
-        afs=afs,
         target=target,
         guard=guard,
-        txn=txn,
+        write=write,
         dataset=dataset,
         schema=schema,
         codec=KeyCodec(schema, keys),
@@ -173,9 +158,9 @@ def _run_locked(
             else None
         ),
     )
-    spill_dir = SpillDir(join(txn.staging, "spill") if is_local(fs) else None)
+    spill_dir = SpillDir(write.spill_base)
     new_rows = OutputSink(
-        afs,
+        target.afs,
         run.settings,
         run.new_file,
         directory="",
@@ -286,7 +271,7 @@ def _commit(run: MergeRun, plan: WritePlan, sinks: list[OutputSink], result: Mer
             added += 1
     removed = plan.removed
     for f in removed:
-        run.txn.remove(f.path)
+        run.write.remove(f.path)
     result.files_added = added
     result.files_removed = len(removed)
     result.files_untouched = len(run.dataset.files) - len(removed)
@@ -296,8 +281,8 @@ def _commit(run: MergeRun, plan: WritePlan, sinks: list[OutputSink], result: Mer
     if not added and not removed:
         return
     result.schema = run.schema
-    run.txn.commit(
-        info={
+    run.write.commit(
+        {
             "strategy": run.request.strategy,
             "key_columns": list(run.keys),
             "inserted": result.inserted,
@@ -369,17 +354,3 @@ def _row_bytes(dataset: TargetDataset) -> float | None:
             total = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
             return total / md.num_rows
     return None
-
-
-def _remove_empty_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Remove ``path`` if it holds nothing but empty directories (a failed first merge)."""
-    with contextlib.suppress(OSError, FileNotFoundError, ValueError):
-        if not fs.exists(path):
-            return
-        if any(True for _ in fs.find(path)):
-            return
-        if is_local(fs):
-            for root, _dirs, _files in sorted(os.walk(path), key=lambda w: -len(w[0])):
-                os.rmdir(root)
-        else:
-            fs.rm(path, recursive=True)
