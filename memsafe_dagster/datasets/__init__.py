@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "is_tabular": "memsafe_dagster.datasets.source",
     "MergeResult": "memsafe_dagster.datasets.merge",
     "merge_dataset": "memsafe_dagster.datasets.merge",
+    "merge_iceberg": "memsafe_dagster.datasets.iceberg",
     "DatasetTransaction": "memsafe_dagster.datasets.commit",
     "DatasetLockedError": "memsafe_dagster.datasets.commit",
     "RecoveryReport": "memsafe_dagster.datasets.commit",

@@ -119,12 +119,7 @@ def load_target(
                 f"target {root} is partitioned by directory ({rel}); merge each partition "
                 "directory as its own target"
             )
-        try:
-            with afs.open_input_file(path) as fh:
-                metadata = pq.read_metadata(fh)
-            file_schema = metadata.schema.to_arrow_schema()
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise ValueError(f"target file {path} is not a readable Parquet file: {exc}") from exc
+        metadata, file_schema = read_footer(afs, path)
         if schema is None:
             schema = file_schema
             target_fields_check(schema, keys)
@@ -132,6 +127,25 @@ def load_target(
             _check_file_schema(schema, file_schema, path, keys)
         files.append(_target_file(path, rel, metadata, file_schema, schema, keys))
     return TargetDataset(root, files, schema)
+
+
+def read_footer(afs: pafs.FileSystem, path: str) -> tuple[pq.FileMetaData, pa.Schema]:
+    """A data file's footer and Arrow schema; ValueError when it is no readable Parquet file."""
+    try:
+        with afs.open_input_file(path) as fh:
+            metadata = pq.read_metadata(fh)
+        return metadata, metadata.schema.to_arrow_schema()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"target file {path} is not a readable Parquet file: {exc}") from exc
+
+
+def target_file(
+    afs: pafs.FileSystem, path: str, rel: str, schema: pa.Schema, keys: Sequence[str]
+) -> TargetFile:
+    """One data file as the merge sees it, its key bounds in ``schema``'s key types (for
+    targets that list and check their files themselves, such as table formats)."""
+    metadata, file_schema = read_footer(afs, path)
+    return _target_file(path, rel, metadata, file_schema, schema, keys)
 
 
 def _check_file_schema(
@@ -209,7 +223,7 @@ def _bound_converter(file_type: pa.DataType | None, target_type: pa.DataType):
     if file_type is None:
         return None
     ft, vt = key_value_type(file_type), key_value_type(target_type)
-    if ft != vt:
+    if ft != vt and not _same_width_free(ft, vt):
         return None  # a file written with another type: no pruning, never a wrong one
     if pa.types.is_integer(vt):
         return lambda s: (exact_code_of(s.min, vt), exact_code_of(s.max, vt))
@@ -233,6 +247,13 @@ def _bound_converter(file_type: pa.DataType | None, target_type: pa.DataType):
     if pa.types.is_binary(vt) or pa.types.is_large_binary(vt):
         return lambda s: (bytes(s.min), bytes(s.max))
     return None
+
+
+def _same_width_free(a: pa.DataType, b: pa.DataType) -> bool:
+    """string and large_string (binary and large_binary) give the same bounds."""
+    strings = (pa.types.is_string, pa.types.is_large_string)
+    binaries = (pa.types.is_binary, pa.types.is_large_binary)
+    return any(any(t(a) for t in kind) and any(t(b) for t in kind) for kind in (strings, binaries))
 
 
 def _raw_bound(stats: pq.Statistics, t: pa.DataType) -> Bound:
