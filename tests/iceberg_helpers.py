@@ -184,8 +184,26 @@ def _child_merge(argv: list[str]) -> int:
     return 0
 
 
+def _child_merges(argv: list[str]) -> int:
+    """Merge each ``[source, strategy]`` of a JSON list, one after the other."""
+    raw_props, identifier, keys, raw_steps, raw = argv
+    kwargs = json.loads(raw)
+    from memsafe_dagster.datasets import merge_iceberg
+
+    catalog = load_catalog_from(json.loads(raw_props))
+    print("READY", flush=True)
+    for source, strategy in json.loads(raw_steps):
+        result = merge_iceberg(
+            source, identifier, strategy, keys.split(","), catalog=catalog, **kwargs
+        )
+        print(json.dumps({"source": source, **result.to_dict()}, default=str), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
     if command == "merge":
         sys.exit(_child_merge(rest))
+    if command == "merges":
+        sys.exit(_child_merges(rest))
     raise SystemExit(f"unknown command {command!r}")
