@@ -75,10 +75,20 @@ def remove_orphan_files(
         for info in storage.afs.get_file_info(selector):
             if info.type != pafs.FileType.File or info.path in referenced:
                 continue
-            mtime = info.mtime.timestamp() if info.mtime is not None else time.time()
-            if mtime > cutoff:
-                continue
+            mtime = _modified(storage, info)
+            if mtime is None or mtime > cutoff:
+                continue  # of unknown age, or too young: possibly a writer at work
             removed.append(info.path)
             if not dry_run:
                 storage.afs.delete_file(info.path)
     return sorted(removed)
+
+
+def _modified(storage: TableStorage, info: pafs.FileInfo) -> float | None:
+    """When the file was last written (seconds since the epoch), or None when unknown."""
+    if info.mtime is not None:
+        return info.mtime.timestamp()
+    try:  # fsspec filesystems wrapped for PyArrow do not report it in the listing
+        return storage.fs.modified(info.path).timestamp()
+    except (NotImplementedError, OSError, AttributeError, KeyError, ValueError):
+        return None
