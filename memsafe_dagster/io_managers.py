@@ -28,6 +28,14 @@ it is is written with the sizer it was loaded with.
 
 What counts as tabular data (what this IO manager writes and what a merge asset merges) is
 ``datasets.source.is_tabular``, the package's one answer.
+
+Iceberg inputs: an input is an Iceberg table when its ``AssetIn`` metadata or the upstream
+asset's definition metadata names one under ``memsafe/iceberg_table`` ("namespace.table"; a
+merge asset built with ``target_table`` names its table itself, as ``memsafe/target_table``).
+It is read through the ``iceberg_catalog`` resource as a snapshot's data files (the current
+snapshot, or ``memsafe/iceberg_snapshot_id`` from the input metadata), under any of the
+annotations above, ``columns`` and ``filter`` included; the whole table, whatever partitions
+the input maps to.
 """
 
 import math
@@ -52,6 +60,7 @@ from memsafe_dagster.datasets.parquet import check_compression
 from memsafe_dagster.datasets.source import is_tabular
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.datasets.writer import ChunkedParquetWriter
+from memsafe_dagster.iceberg_catalog import IcebergCatalogResource
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureError
 from memsafe_dagster.memory.sizes import MiB
 from memsafe_dagster.resources import MemoryMonitorResource
@@ -62,6 +71,9 @@ STREAMING_ANNOTATIONS = (
     "memsafe_dagster.datasets.ChunkStream"
 )
 FILES = "memsafe/files"
+ICEBERG_TABLE = "memsafe/iceberg_table"
+ICEBERG_SNAPSHOT_ID = "memsafe/iceberg_snapshot_id"
+_MERGE_TARGET_TABLE = "memsafe/target_table"  # what a merge asset with target_table records
 ESTIMATED_MB = "memsafe/estimated_mb"
 TABULAR = (
     "pa.Table, pa.RecordBatch, pa.RecordBatchReader, pyarrow.dataset.Dataset, ChunkStream "
@@ -102,6 +114,10 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
     memory: MemoryMonitorResource | None = Field(
         default=None,
         description="The memory budget (default: MemoryMonitorResource(), container profile).",
+    )
+    iceberg_catalog: IcebergCatalogResource | None = Field(
+        default=None,
+        description="The catalog of Iceberg inputs (memsafe/iceberg_table metadata).",
     )
 
     _base_path: Any = PrivateAttr(default=None)
@@ -221,6 +237,9 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
 
     def load_input(self, context: InputContext) -> Any:
         kind, as_dict = resolve_annotation(context)
+        iceberg = iceberg_input(context)
+        if iceberg is not None:
+            return self._load_iceberg(context, kind, as_dict, *iceberg)
         if not context.has_asset_key or not context.has_asset_partitions:
             if as_dict:
                 raise TypeError(
@@ -261,11 +280,39 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
             raise FileNotFoundError(f"{_what(context)} has no data at {path}: materialize it first")
         return self._load(context, kind, files, path.fs)
 
+    def _load_iceberg(
+        self,
+        context: InputContext,
+        kind: str,
+        as_dict: bool,
+        identifier: str,
+        snapshot_id: int | None,
+    ) -> Any:
+        """An Iceberg table's snapshot as the annotation asks (see the module docstring)."""
+        if as_dict:
+            raise TypeError(
+                f"input {context.name!r} is the Iceberg table {identifier}, one table for every "
+                "partition: annotate it as one of pyarrow.dataset.Dataset, RecordBatchReader, "
+                "ChunkStream or pyarrow.Table, not a dict per partition"
+            )
+        if self.iceberg_catalog is None:
+            raise ValueError(
+                f"input {context.name!r} is the Iceberg table {identifier}: give "
+                "ChunkedParquetIOManager an iceberg_catalog=IcebergCatalogResource(...) to read it"
+            )
+        from memsafe_dagster.datasets.iceberg.read import iceberg_dataset
+
+        table = self.iceberg_catalog.load_table(identifier)
+        return self._load_dataset(context, kind, iceberg_dataset(table, snapshot_id=snapshot_id))
+
     def _load(self, context: InputContext, kind: str, files: list[str], fs: Any) -> Any:
+        dataset = ds.dataset(files, filesystem=arrow_filesystem(fs), format="parquet")
+        return self._load_dataset(context, kind, dataset)
+
+    def _load_dataset(self, context: InputContext, kind: str, dataset: ds.Dataset) -> Any:
         definition = context.definition_metadata or {}
         columns = _columns(definition.get("columns"))
         row_filter = to_expression(definition.get("filter"))
-        dataset = ds.dataset(files, filesystem=arrow_filesystem(fs), format="parquet")
         retry = retry_number(context)
         chunk_rows = max(1, self.chunk_size_rows // 2**retry)
         stage = f"loading input {context.name!r} from {_what(context)}"
@@ -334,6 +381,28 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def iceberg_input(context: InputContext) -> tuple[str, int | None] | None:
+    """(table identifier, snapshot id or None) when the input is an Iceberg table."""
+    own = context.definition_metadata or {}
+    identifier = own.get(ICEBERG_TABLE)
+    if identifier is None:
+        upstream = getattr(context, "upstream_output", None)
+        theirs = (upstream.definition_metadata or {}) if upstream is not None else {}
+        identifier = theirs.get(ICEBERG_TABLE) or theirs.get(_MERGE_TARGET_TABLE)
+    if identifier is None:
+        return None
+    identifier = getattr(identifier, "value", identifier)  # a MetadataValue from the spec
+    if not isinstance(identifier, str) or "{" in identifier:
+        raise ValueError(
+            f"input {context.name!r}: {identifier!r} is not one Iceberg table identifier "
+            "'namespace.table' (a table per partition is read by naming it in the input's "
+            f"{ICEBERG_TABLE!r} metadata)"
+        )
+    snapshot = own.get(ICEBERG_SNAPSHOT_ID)
+    snapshot = getattr(snapshot, "value", snapshot)
+    return identifier, None if snapshot is None else int(snapshot)
 
 
 def retry_number(context: InputContext | OutputContext) -> int:

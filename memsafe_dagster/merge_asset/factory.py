@@ -16,6 +16,7 @@ import dagster as dg
 from memsafe_dagster.datasets.merge.request import MergeRequest
 from memsafe_dagster.datasets.source import is_tabular
 from memsafe_dagster.datasets.stream import ChunkStream
+from memsafe_dagster.iceberg_catalog import DEFAULT_CATALOG_RESOURCE_KEY
 from memsafe_dagster.io_managers import TABULAR
 from memsafe_dagster.merge_asset.checks import MEMORY_HEADROOM, UNIQUE_KEYS
 from memsafe_dagster.merge_asset.spec import (
@@ -23,6 +24,7 @@ from memsafe_dagster.merge_asset.spec import (
     MergeAssetSpec,
     attach_spec,
     definition_metadata,
+    iceberg_pool_name,
     merge_pool_name,
 )
 from memsafe_dagster.merge_asset.step import InboxMergeConfig, MergeConfig, materialize_merge
@@ -47,9 +49,11 @@ def build_merge_asset(
     name: str,
     *,
     source: dg.AssetsDefinition | dg.AssetSpec | dg.AssetKey | str,
-    target_path: str,
+    target_path: str | None = None,
     key_columns: str | Sequence[str],
     strategy: str = "upsert",
+    target_table: str | None = None,
+    catalog_resource_key: str = DEFAULT_CATALOG_RESOURCE_KEY,
     partitions_def: dg.PartitionsDefinition | None = None,
     partition_mapping: dg.PartitionMapping | None = None,
     memory_resource_key: str = "memory",
@@ -99,6 +103,14 @@ def build_merge_asset(
     ``pool`` (default: one derived from the target) keeps Dagster from running two merges into
     one target at once once the instance gives pools a limit (``concurrency: pools:
     default_limit: 1`` in dagster.yaml); the dataset's lock is the second line of defence.
+
+    Iceberg: ``target_table="namespace.table"`` instead of ``target_path`` merges into that
+    table of the ``IcebergCatalogResource`` under ``catalog_resource_key`` (default
+    ``"iceberg_catalog"``), one snapshot per run (``merge_iceberg``); placeholders work as in
+    ``target_path``. The materialization records ``memsafe/iceberg_snapshot_id`` and
+    ``dagster/table_name``, and the snapshot summary the Dagster run id. The ``unique_keys``
+    check is not defined for Iceberg targets (``check_unique_keys`` is ignored); concurrent
+    writers are kept apart by Iceberg's optimistic commits, the pool by Dagster.
     """
     request = MergeRequest.create(
         strategy=strategy,
@@ -109,7 +121,10 @@ def build_merge_asset(
         options=merge_options,
     )
     keys = request.keys
-    if not isinstance(target_path, str) or not target_path:
+    if target_table is not None:
+        _check_target_table(target_path, target_table, catalog_resource_key)
+        check_unique_keys = False
+    elif not isinstance(target_path, str) or not target_path:
         raise ValueError(f"target_path must be a path or URL, got {target_path!r}")
     for label, value in (
         ("min_headroom_mb", min_headroom_mb),
@@ -119,12 +134,15 @@ def build_merge_asset(
             raise ValueError(f"{label} must be a positive number of MB, got {value!r}")
 
     inbox, upstream, partitions_def = _source(name, source, partitions_def)
-    placeholders = _check_placeholders("target_path", target_path, partitions_def)
+    if target_table is not None:
+        placeholders = _check_placeholders("target_table", target_table, partitions_def)
+    else:
+        placeholders = _check_placeholders("target_path", target_path, partitions_def)
     if inbox is not None:
         placeholders += _check_placeholders("source (inbox)", inbox, partitions_def)
     spec = MergeAssetSpec(
         key=dg.AssetKey([*_prefix(key_prefix), name]),
-        target_path=target_path,
+        target_path=target_path or "",
         request=request,
         memory_resource_key=memory_resource_key,
         storage_options=dict(storage_options or {}),
@@ -134,15 +152,25 @@ def build_merge_asset(
         check_unique_keys=check_unique_keys,
         min_headroom_mb=min_headroom_mb,
         check_memory_mb=check_memory_mb,
-        pool=pool if pool is not None else merge_pool_name(target_path, storage_options),
+        pool=pool
+        if pool is not None
+        else (
+            iceberg_pool_name(catalog_resource_key, target_table)
+            if target_table is not None
+            else merge_pool_name(target_path, storage_options)  # type: ignore[arg-type]
+        ),
         upstream=upstream,
+        target_table=target_table,
+        catalog_resource_key=catalog_resource_key if target_table is not None else None,
     )
+    target_name = target_table if target_table is not None else target_path
     what = f"{inbox} (inbox, {inbox_pattern})" if inbox else upstream.to_user_string()
     common: dict[str, Any] = {
         "name": name,
         "key_prefix": key_prefix,
         "partitions_def": partitions_def,
-        "required_resource_keys": {memory_resource_key},
+        "required_resource_keys": {memory_resource_key}
+        | ({catalog_resource_key} if target_table is not None else set()),
         "check_specs": _check_specs(spec),
         "metadata": definition_metadata(spec),
         "pool": spec.pool,
@@ -150,9 +178,9 @@ def build_merge_asset(
         "group_name": group_name,
         "tags": dict(tags) if tags else None,
         "owners": list(owners) if owners else None,
-        "kinds": {"parquet"},
+        "kinds": {"iceberg"} if target_table is not None else {"parquet"},
         "description": description
-        or f"{strategy} of {what} into {target_path} by {', '.join(keys)} (memsafe merge).",
+        or f"{strategy} of {what} into {target_name} by {', '.join(keys)} (memsafe merge).",
     }
 
     if inbox is not None:
@@ -203,6 +231,23 @@ def _source(
         "source must be an upstream AssetsDefinition, AssetSpec or AssetKey, or the URL of "
         f"an inbox of Parquet files; got {type(source).__name__}"
     )
+
+
+def _check_target_table(
+    target_path: str | None, target_table: object, catalog_resource_key: object
+) -> None:
+    """``target_table`` names an Iceberg table (instead of, not beside, a target path)."""
+    if target_path is not None:
+        raise ValueError(
+            "pass target_path (a Parquet dataset) or target_table (an Iceberg table), not both"
+        )
+    if not isinstance(target_table, str) or "." not in target_table.strip("."):
+        raise ValueError(
+            f"target_table must be an Iceberg table identifier 'namespace.table', got "
+            f"{target_table!r}"
+        )
+    if not isinstance(catalog_resource_key, str) or not catalog_resource_key:
+        raise ValueError(f"catalog_resource_key must name a resource, got {catalog_resource_key!r}")
 
 
 def _or(

@@ -28,6 +28,8 @@ STRATEGY = "memsafe/strategy"
 INBOX = "memsafe/inbox"
 INBOX_PATTERN = "memsafe/inbox_pattern"
 POOL = "memsafe/pool"
+TARGET_TABLE = "memsafe/target_table"
+TABLE_NAME = "dagster/table_name"
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SPEC_ATTRIBUTE = "_memsafe_merge_spec"
@@ -39,7 +41,9 @@ class MergeAssetSpec:
     ``MergeRequest``: strategy, keys, duplicates policy, chunk size, options), source (an
     upstream asset key or an inbox URL and pattern), check settings, pool.
 
-    ``storage_options`` apply to the target and the inbox; they stay out of ``repr``.
+    ``storage_options`` apply to the target and the inbox; they stay out of ``repr``. With
+    ``target_table`` the target is that Iceberg table of the ``IcebergCatalogResource`` under
+    ``catalog_resource_key`` (``target_path`` is then empty).
     """
 
     key: dg.AssetKey
@@ -55,6 +59,8 @@ class MergeAssetSpec:
     check_memory_mb: float | None
     pool: str
     upstream: dg.AssetKey | None = None
+    target_table: str | None = None  # an Iceberg table instead of target_path
+    catalog_resource_key: str | None = None  # its IcebergCatalogResource
 
     def __post_init__(self) -> None:
         # Read-only, so a spec shared by a definition and its sensors cannot drift.
@@ -73,6 +79,12 @@ class MergeAssetSpec:
     def target_for(self, partition_key: str | None, dimensions: Mapping[str, str]) -> str:
         """The target URL for one partition (``{partition_key}`` and dimension names filled)."""
         return fill_placeholders(self.target_path, partition_key, dimensions)
+
+    def table_for(self, partition_key: str | None, dimensions: Mapping[str, str]) -> str:
+        """The Iceberg table identifier for one partition (only with ``target_table``)."""
+        if self.target_table is None:
+            raise ValueError(f"{self.key.to_user_string()} merges into {self.target_path!r}")
+        return fill_placeholders(self.target_table, partition_key, dimensions)
 
     def inbox_for(self, partition_key: str | None, dimensions: Mapping[str, str]) -> str:
         """The inbox URL for one partition (only for an inbox merge asset)."""
@@ -106,6 +118,10 @@ def definition_metadata(spec: MergeAssetSpec) -> dict[str, str]:
         STRATEGY: spec.strategy,
         POOL: spec.pool,
     }
+    if spec.target_table is not None:
+        del out[TARGET_PATH]
+        out[TARGET_TABLE] = spec.target_table
+        out[TABLE_NAME] = spec.target_table
     if spec.inbox is not None:
         out[INBOX] = spec.inbox
         out[INBOX_PATTERN] = spec.inbox_pattern
@@ -145,6 +161,14 @@ def merge_asset_spec(asset: dg.AssetsDefinition) -> dict[str, str]:
 def inbox_storage_options(asset: dg.AssetsDefinition) -> dict[str, Any]:
     """The storage options a merge asset was built with (they are not in its metadata)."""
     return dict(merge_spec_of(asset).storage_options)
+
+
+def iceberg_pool_name(catalog_resource_key: str, table: str) -> str:
+    """The concurrency pool of merges into one Iceberg table of one catalog resource."""
+    normalized = f"iceberg://{catalog_resource_key}/{table}"
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", table).strip("_")[:60] or "table"
+    digest = hashlib.sha256(normalized.encode()).hexdigest()[:8]
+    return f"memsafe-merge-{readable}-{digest}"
 
 
 def merge_pool_name(target_path: str, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -33,18 +33,20 @@ from memsafe_dagster.datasets.merge.result import MergeResult
 from memsafe_dagster.datasets.merge.target import load_target
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.datasets.unique import UniqueKeysReport
+from memsafe_dagster.iceberg_catalog import IcebergCatalogResource
 from memsafe_dagster.merge_asset.checks import (
     headroom_check,
     unique_keys_check,
     unique_keys_report,
 )
-from memsafe_dagster.merge_asset.spec import MergeAssetSpec
+from memsafe_dagster.merge_asset.spec import TABLE_NAME, MergeAssetSpec
 from memsafe_dagster.resources import MemoryMonitorResource
 
 # Materialization metadata beyond DESIGN.md's table.
 INBOX_FILES = "memsafe/inbox_files"
 INBOX_ARCHIVED = "memsafe/inbox_archived_to"
 UNIQUE_KEYS_META = "memsafe/unique_keys"
+ICEBERG_SNAPSHOT_ID = "memsafe/iceberg_snapshot_id"
 
 PROGRESS_LOG_INTERVAL_S = 10.0
 
@@ -91,8 +93,14 @@ def materialize_merge(
     )
     chunk_rows = max(1, requested // 2**retry)
     partition_key, dimensions = _partition(context, spec)
-    target = spec.target_for(partition_key, dimensions)
-    fs, target_stripped = resolve_filesystem(target, storage_options=spec.storage_options)
+    table = None
+    if spec.target_table is not None:
+        table = _iceberg_table(context, spec, partition_key, dimensions)
+        target = f"Iceberg table {spec.table_for(partition_key, dimensions)}"
+        fs = target_stripped = None
+    else:
+        target = spec.target_for(partition_key, dimensions)
+        fs, target_stripped = resolve_filesystem(target, storage_options=spec.storage_options)
     _warn_if_pool_unlimited(context, spec.pool)
 
     inbox_fs = inbox_path = None
@@ -119,23 +127,22 @@ def materialize_merge(
             {
                 md.CHUNK_SIZE_ROWS: dg.MetadataValue.int(chunk_rows),
                 md.RETRY_NUMBER: dg.MetadataValue.int(retry),
-                md.PATH: dg.MetadataValue.path(target),
+                md.PATH: dg.MetadataValue.path(target if table is None else table.location()),
             }
         )
         monitor = tracker.monitor
         if spec.inbox is not None and not batch:
             context.log.info(f"memsafe: no files to merge in {spec.inbox}; target left as is")
-            result = _unchanged_result(spec, fs, target_stripped)
+            result = _unchanged_result(spec, fs, target_stripped, table)
         else:
             request = spec.request.with_chunk_rows(chunk_rows).with_memory(
                 monitor, _progress_logger(context)
             )
-            result = run_merge(
-                data if spec.inbox is None else batch_dataset(inbox_fs, batch),
-                target_stripped,
-                fs,
-                request,
-            )
+            source = data if spec.inbox is None else batch_dataset(inbox_fs, batch)
+            if table is not None:
+                result = _merge_iceberg(context, source, table, request)
+            else:
+                result = run_merge(source, target_stripped, fs, request)
         archived: list[str] = []
         if batch:
             # Only now, after the commit: a failure before this point leaves every file in the
@@ -159,6 +166,8 @@ def materialize_merge(
         )
     else:
         metadata[md.ROW_COUNT] = dg.MetadataValue.int(int(result.target_count_after))
+    if table is not None:
+        metadata.update(_iceberg_metadata(result, table))
     if batch:
         metadata[INBOX_FILES] = dg.MetadataValue.json([f.name for f in batch])
         metadata[INBOX_ARCHIVED] = dg.MetadataValue.path(archived[0].rsplit("/", 1)[0])
@@ -193,11 +202,71 @@ def _partition(
     return str(key), dimensions
 
 
+def _iceberg_table(
+    context: dg.AssetExecutionContext,
+    spec: MergeAssetSpec,
+    partition_key: str | None,
+    dimensions: dict[str, str],
+) -> Any:
+    """The run's Iceberg target table, from the catalog resource."""
+    catalog = getattr(context.resources, spec.catalog_resource_key or "")
+    if not isinstance(catalog, IcebergCatalogResource):
+        raise TypeError(
+            f"resource {spec.catalog_resource_key!r} must be an IcebergCatalogResource (the "
+            f"catalog of {spec.target_table}), got {type(catalog).__name__}"
+        )
+    return catalog.load_table(spec.table_for(partition_key, dimensions))
+
+
+def _merge_iceberg(
+    context: dg.AssetExecutionContext, data: Any, table: Any, request: Any
+) -> MergeResult:
+    """One snapshot whose summary names the Dagster run that made it."""
+    from memsafe_dagster.datasets.iceberg.api import run_iceberg_merge
+
+    return run_iceberg_merge(
+        data,
+        table,
+        request,
+        snapshot_properties={
+            "dagster.run-id": context.run.run_id,
+            "dagster.asset-key": context.asset_key.to_user_string(),
+        },
+    )
+
+
+def _iceberg_metadata(result: MergeResult, table: Any) -> dict[str, dg.MetadataValue]:
+    """The table and the snapshot the merge committed (ids as text: they exceed 32 bits)."""
+    out = {TABLE_NAME: dg.MetadataValue.text(".".join(table.name()))}
+    snapshot_id = getattr(result, "snapshot_id", None)
+    if snapshot_id is None and table.current_snapshot() is not None:
+        snapshot_id = table.current_snapshot().snapshot_id  # nothing changed: the current one
+    if snapshot_id is not None:
+        out[ICEBERG_SNAPSHOT_ID] = dg.MetadataValue.text(str(snapshot_id))
+    return out
+
+
 def _unchanged_result(
-    spec: MergeAssetSpec, fs: fsspec.AbstractFileSystem, target: str
+    spec: MergeAssetSpec,
+    fs: fsspec.AbstractFileSystem | None,
+    target: str | None,
+    table: Any = None,
 ) -> MergeResult:
     """The result of merging nothing: the target's rows and schema as the merge would see
-    them (its footers, read by the merge's own ``load_target``)."""
+    them (its footers, read by the merge's own ``load_target``; an Iceberg table's current
+    snapshot)."""
+    if table is not None:
+        snapshot = table.current_snapshot()
+        rows = (
+            int(snapshot.summary.additional_properties.get("total-records", 0)) if snapshot else 0
+        )
+        return MergeResult(
+            strategy=spec.strategy,
+            target_count_before=rows,
+            target_count_after=rows,
+            schema=table.schema().as_arrow(),
+        )
+    assert fs is not None and target is not None
     dataset = load_target(fs, arrow_filesystem(fs), target, spec.key_columns)
     return MergeResult(
         strategy=spec.strategy,
