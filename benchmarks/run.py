@@ -76,6 +76,8 @@ CONTENDERS = (
     Contender("naive_pyarrow"),
     Contender("fsspeckit", bounded=True),
     Contender("floor", merges=False),
+    Contender("iceberg_memsafe", output_format="iceberg"),
+    Contender("iceberg_pyiceberg", output_format="iceberg"),
 )
 
 
@@ -392,7 +394,15 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     versions = {}
-    for dist in ("memsafe-dagster", "pyarrow", "duckdb", "deltalake", "polars", "fsspeckit"):
+    for dist in (
+        "memsafe-dagster",
+        "pyarrow",
+        "duckdb",
+        "deltalake",
+        "polars",
+        "fsspeckit",
+        "pyiceberg",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

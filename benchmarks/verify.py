@@ -33,7 +33,8 @@ class Verification:
 
 
 def open_output(path: Path, output_format: OutputFormat) -> ds.Dataset:
-    """The output as a dataset: through the Delta log for Delta tables, else the Parquet files.
+    """The output as a dataset: through the Delta log for Delta tables, the current snapshot's
+    data files for Iceberg tables, else the Parquet files.
 
     PyArrow skips ``_``- and ``.``-prefixed paths, so staging areas and logs are not read.
     """
@@ -41,6 +42,10 @@ def open_output(path: Path, output_format: OutputFormat) -> ds.Dataset:
         from deltalake import DeltaTable
 
         return DeltaTable(str(path)).to_pyarrow_dataset()
+    if output_format == "iceberg":
+        from benchmarks.contenders._iceberg import data_files
+
+        return ds.dataset(data_files(path), format="parquet")
     return ds.dataset(path, format="parquet")
 
 

@@ -22,7 +22,7 @@ RESULT_MARKER = "BENCH_RESULT "
 PHASE_MARKER = "BENCH_PHASE "
 KEY = "id"
 
-OutputFormat = Literal["parquet", "delta"]
+OutputFormat = Literal["parquet", "delta", "iceberg"]
 Merge = Callable[[argparse.Namespace], dict[str, Any]]
 Prepare = Callable[[argparse.Namespace], None]
 AddArguments = Callable[[argparse.ArgumentParser], None]
