@@ -160,6 +160,8 @@ def _child_merge(argv: list[str]) -> int:
     raw_props, identifier, source, strategy, keys, raw = argv
     kwargs = json.loads(raw)
     sleep_per_progress = kwargs.pop("sleep_per_progress_s", 0.0)
+    print_progress = kwargs.pop("print_progress", False)
+    import threading
     import time
 
     from memsafe_dagster.datasets import merge_iceberg
@@ -167,7 +169,12 @@ def _child_merge(argv: list[str]) -> int:
     catalog = load_catalog_from(json.loads(raw_props))
     print("READY", flush=True)
 
+    lock = threading.Lock()
+
     def progress(done: int, total: int) -> None:
+        if print_progress:
+            with lock:
+                print("PROGRESS", flush=True)
         if sleep_per_progress:
             time.sleep(sleep_per_progress)
 
