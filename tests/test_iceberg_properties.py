@@ -129,7 +129,7 @@ def _check(case: dict, catalog) -> None:
 
 
 @settings(
-    max_examples=120,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -139,7 +139,7 @@ def test_every_strategy_matches_the_oracle(case: dict) -> None:
         _check(case, make_catalog(Path(tmp)))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     steps=st.lists(
         st.tuples(
