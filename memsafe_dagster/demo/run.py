@@ -1,11 +1,11 @@
 """``memsafe demo``: materialize the demo graph headless and print a short report per asset.
 
 Runs go into the demo's own persistent Dagster instance, ``<data dir>/dagster_home`` (never a
-``$DAGSTER_HOME`` of yours), which ``memsafe demo --ui`` and ``make ui`` also use: the web UI then shows their history,
-metadata plots and check results. Each day is one run of ``orders_job`` (orders_raw ->
-orders_clean -> warehouse_orders); then new CRM exports are dropped into the inbox and
-``customers_job`` merges them. Running it again regenerates the same days: the warehouse
-reports updates, not inserts.
+``$DAGSTER_HOME`` of yours), which ``memsafe demo --ui`` and ``make ui`` also use: the web UI
+then shows their history, metadata plots and check results. Each day is one run of
+``orders_job`` (orders_raw -> orders_clean -> warehouse_orders); then new CRM exports are
+dropped into the inbox and ``customers_job`` merges them. Running it again regenerates the
+same days: the warehouse reports updates, not inserts.
 """
 
 from __future__ import annotations
