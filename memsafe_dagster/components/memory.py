@@ -117,7 +117,11 @@ class MemoryResourceComponent(dg.Component, dg.Resolvable, dg.Model):
 
     @classmethod
     def get_spec(cls) -> dg.ComponentTypeSpec:
-        return dg.ComponentTypeSpec(tags=["memsafe", "memory"], produces=["resource"])
+        return dg.ComponentTypeSpec(
+            description="Provides the MemoryMonitorResource that memsafe's merges budget with.",
+            tags=["memsafe", "memory"],
+            produces=["resource"],
+        )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         resource = self.memory if self.memory is not None else shared_memory_resource()

@@ -274,6 +274,10 @@ class MergeComponent(dg.Component, dg.Resolvable, dg.Model):
     @classmethod
     def get_spec(cls) -> dg.ComponentTypeSpec:
         return dg.ComponentTypeSpec(
+            description=(
+                "Merges an upstream asset or an inbox of Parquet files into a Parquet dataset "
+                "by key columns, in bounded memory, with key and memory-headroom checks."
+            ),
             tags=["memsafe", "parquet", "merge"],
             produces=["asset", "asset_check", "resource", "sensor", "schedule"],
         )
