@@ -31,10 +31,13 @@ demo: $(DEV)
 test: $(DEV)
 	$(BIN)/python -m pytest -q
 
+# The demo is a dg project ([tool.dg] in pyproject.toml): `dg dev` serves it (workspace.yaml
+# keeps `dagster dev -w workspace.yaml` working too). UI_PORT=3001 make ui for another port.
+UI_PORT ?= 3000
 ui: $(DEV)
 	MEMSAFE_DEMO_DATA=$(DEMO_DATA) $(BIN)/memsafe demo --prepare
 	MEMSAFE_DEMO_DATA=$(DEMO_DATA) DAGSTER_HOME=$(DEMO_DATA)/dagster_home \
-		$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
+		DAGSTER_DG_UPDATE_CHECK_ENABLED=0 $(BIN)/dg dev --host 127.0.0.1 --port $(UI_PORT)
 
 bench: $(BENCHX)
 	$(BIN)/python -m benchmarks.run --suite $(BENCH)

@@ -203,7 +203,7 @@ def test_the_demo_is_a_dg_project(tmp_path: Path) -> None:
     listed = run_dg("list", "defs", "--json", cwd=REPO, env=env)
     assert listed.returncode == 0, listed.stderr[-3000:]
     defs = json.loads(listed.stdout)
-    assets = {a["key"] for a in defs["assets"]}
+    assets = {a["asset_key"] for a in defs["assets"]}
     assert {"orders_raw", "orders_clean", "warehouse_orders", "warehouse_customers"} <= assets
     assert {s["name"] for s in defs["sensors"]} >= {"customers_inbox", "memsafe_failure_sensor"}
     assert {s["name"] for s in defs["schedules"]} == {"orders_daily"}
