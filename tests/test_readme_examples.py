@@ -66,8 +66,7 @@ def test_the_core_example_prints_what_it_says_every_time(tmp_path: Path) -> None
 def test_the_inbox_example_runs_alone_and_merges_a_dropped_file_once(tmp_path: Path) -> None:
     """Pasted alone into a fresh interpreter, its Definitions load (sensors, schedule)."""
     check = (
-        python_examples()[1]
-        + "\ndg.Definitions.validate_loadable(defs)\n"
+        python_examples()[1] + "\ndg.Definitions.validate_loadable(defs)\n"
         "print(sorted(s.name for s in defs.sensors), [s.name for s in defs.schedules])\n"
     )
     proc = subprocess.run(

@@ -2,10 +2,11 @@
 
 New orders of a day get ids ``first_id + d * orders_per_day + i`` (``d`` the day's index from
 the first demo day; ``first_id`` makes a date's ids the same whichever day the demo starts
-on). From the second day on, a tenth as many rows again are status changes of earlier orders (same ``order_id``, a later status and
-``updated_at``), so the warehouse upsert reports updates as well as inserts; about one new order
-in a hundred is dirty (no customer, or a non-positive amount) for the cleaning step to drop.
-Everything is seeded by the day, so a partition always regenerates the same rows.
+on). From the second day on, a tenth as many rows again are status changes of earlier orders
+(same ``order_id``, a later status and ``updated_at``), so the warehouse upsert reports
+updates as well as inserts; about one new order in a hundred is dirty (no customer, or a
+non-positive amount) for the cleaning step to drop. Everything is seeded by the day, so a
+partition always regenerates the same rows.
 """
 
 from __future__ import annotations
