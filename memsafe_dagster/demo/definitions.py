@@ -12,6 +12,7 @@ merge in ``defs.yaml``) and the memsafe run-failure sensor. Sizes and places:
 ``memsafe_dagster.demo.settings``.
 """
 
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -22,7 +23,19 @@ from memsafe_dagster.demo import defs as defs_folder
 # it is site-packages, which the demo's YAML does not use.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-defs = dg.ComponentTree.from_module(defs_module=defs_folder, project_root=PROJECT_ROOT).build_defs()
+
+
+def build_defs() -> dg.Definitions:
+    """The demo's Definitions from its defs folder (Dagster's loader warns that parts of it
+    are beta or preview; the demo's output stays readable without that)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        tree = dg.ComponentTree.from_module(defs_module=defs_folder, project_root=PROJECT_ROOT)
+        return tree.build_defs()
+
+
+defs = build_defs()
 
 
 def orders_job_def() -> dg.JobDefinition:
