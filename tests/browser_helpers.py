@@ -52,13 +52,20 @@ def browser_page(width: int = 1400, height: int = 1000) -> Iterator[Any]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         try:
-            yield browser.new_page(viewport={"width": width, "height": height})
+            page = browser.new_page(viewport={"width": width, "height": height})
+            # The web UI's first-visit dialog (the community sign-up) opens at some point after
+            # a page loads; whenever it covers the page, Playwright closes it before acting.
+            page.add_locator_handler(
+                page.get_by_text("Join the Dagster community"),
+                lambda _dialog: page.get_by_role("button", name="Skip").click(),
+            )
+            yield page
         finally:
             browser.close()
 
 
 def dismiss_dialogs(page: Any) -> None:
-    """Close the web UI's first-visit dialog (the community sign-up) when it shows."""
+    """Close the first-visit dialog if it is open now (before reading the page's text)."""
     skip = page.get_by_role("button", name="Skip")
     if skip.count():
         skip.first.click()
