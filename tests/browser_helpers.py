@@ -35,7 +35,10 @@ def require_chromium() -> str:
     """The Chromium binary; skips the test (loudly) where it or Playwright is missing."""
     path = chromium_path()
     if path is None:
-        pytest.skip("CHROMIUM NOT INSTALLED, web UI not checked: `make browser` (apt-get install -y chromium)")
+        pytest.skip(
+            "CHROMIUM NOT INSTALLED, web UI not checked: `make browser` "
+            "(apt-get install -y chromium)"
+        )
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:

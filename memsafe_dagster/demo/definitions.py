@@ -24,7 +24,6 @@ from memsafe_dagster.demo import defs as defs_folder
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-
 def build_defs() -> dg.Definitions:
     """The demo's Definitions from its defs folder (Dagster's loader warns that parts of it
     are beta or preview; the demo's output stays readable without that)."""
