@@ -67,13 +67,6 @@ def browser_page(width: int = 1400, height: int = 1000) -> Iterator[Any]:
             browser.close()
 
 
-def dismiss_dialogs(page: Any) -> None:
-    """Close the first-visit dialog if it is open now (before reading the page's text)."""
-    skip = page.get_by_role("button", name="Skip")
-    if skip.count():
-        skip.first.click()
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from browser_helpers import browser_page, dg_dev, dismiss_dialogs, require_chromium
+from browser_helpers import browser_page, dg_dev, require_chromium
 
 REPO = Path(__file__).resolve().parent.parent
 MEMSAFE = Path(sys.executable).parent / "memsafe"
@@ -46,7 +46,6 @@ def test_after_three_demo_runs_the_ui_plots_memory_and_no_check_is_skipped(tmp_p
     with dg_dev(REPO, env, tmp_path / "dg-dev.log") as base, browser_page(height=3200) as page:
         # The asset page's metadata plots (the default view is by partition).
         page.goto(f"{base}/assets/warehouse_orders", wait_until="networkidle", timeout=90_000)
-        dismiss_dialogs(page)
         page.get_by_role("button", name="Plots").first.click()
         page.get_by_text(MEMORY_SERIES[0], exact=True).first.wait_for(timeout=30_000)
         page.wait_for_timeout(1500)
@@ -62,7 +61,6 @@ def test_after_three_demo_runs_the_ui_plots_memory_and_no_check_is_skipped(tmp_p
         page.set_viewport_size({"width": 1400, "height": 1400})
         for check in ("memory_headroom", "unique_keys"):
             page.goto(f"{base}/assets/warehouse_orders?view=checks", wait_until="networkidle")
-            dismiss_dialogs(page)
             page.get_by_text(check, exact=True).first.click()
             page.get_by_text("Execution history", exact=True).click()
             page.get_by_text("Passed").first.wait_for(timeout=30_000)
@@ -74,7 +72,6 @@ def test_after_three_demo_runs_the_ui_plots_memory_and_no_check_is_skipped(tmp_p
 
         # The catalog: every partitioned asset has its 3 partitions, none missing.
         page.goto(f"{base}/assets", wait_until="networkidle")
-        dismiss_dialogs(page)
         page.get_by_text("warehouse_orders", exact=True).first.wait_for(timeout=30_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(shots / "catalog.png"))
