@@ -292,3 +292,56 @@ def test_memsafe_demo_runs_the_graph_and_reports_each_asset(tmp_path: Path) -> N
     prepared = memsafe_demo(other, "--prepare")
     assert prepared.returncode == 0 and (other / "dagster_home" / "dagster.yaml").exists()
     assert not (other / "warehouse").exists()
+
+
+@pytest.mark.slow
+def test_memsafe_demo_ui_serves_the_demo_without_a_checkout(tmp_path: Path) -> None:
+    """`memsafe demo --ui` (what the report points at): the web UI on the demo's home, the
+    same code location as `make ui`; run from a directory with no Makefile or workspace."""
+    import signal
+    import time
+
+    import requests
+    from browser_helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, "MEMSAFE_DEMO_DATA": str(tmp_path / "demo")}
+    env.pop("DAGSTER_HOME", None)
+    log = (tmp_path / "ui.log").open("wb")
+    proc = subprocess.Popen(
+        [str(MEMSAFE), "demo", "--ui", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        start_new_session=True,
+    )
+    query = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
+    try:
+        deadline, entries = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "ui.log").read_text()[-3000:]
+            try:
+                body = requests.post(
+                    f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=10
+                ).json()
+                entries = body["data"]["workspaceOrError"]["locationEntries"]
+                if entries and entries[0]["loadStatus"] == "LOADED":
+                    break
+            except (requests.RequestException, KeyError, TypeError, ValueError):
+                pass
+            time.sleep(0.5)
+        assert entries == [{"name": "memsafe_demo", "loadStatus": "LOADED"}], entries
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+    text = (tmp_path / "ui.log").read_text()
+    assert f"web UI on http://127.0.0.1:{port}" in text
+    assert "SupersessionWarning" not in text
+    assert (tmp_path / "demo" / "dagster_home" / "dagster.yaml").exists()

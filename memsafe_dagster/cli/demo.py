@@ -47,11 +47,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def ui_command(host: str, port: int) -> list[str]:
-    """``dagster dev`` on the demo's definitions module (what ``workspace.yaml`` loads)."""
+WORKSPACE_YAML = """\
+# Written by `memsafe demo --ui`: the demo's definitions, as the repository's workspace.yaml
+# and `dg dev` (its [tool.dg] project) load them.
+load_from:
+  - python_module:
+      module_name: memsafe_dagster.demo.definitions
+      attribute: defs
+      location_name: memsafe_demo
+"""
+
+
+def ui_command(workspace: Path, host: str, port: int) -> list[str]:
+    """``dagster dev`` on the demo's workspace. A wheel carries no dg project (that is the
+    checkout's pyproject.toml, where ``make ui`` runs ``dg dev``), so this is the web UI's own
+    command; its advice to use ``dg dev`` is for projects and is silenced."""
     beside = Path(sys.executable).parent / "dagster"
     dagster = str(beside) if beside.exists() else shutil.which("dagster") or "dagster"
-    return [dagster, "dev", "-m", "memsafe_dagster.demo.definitions", "-h", host, "-p", str(port)]
+    return [dagster, "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,8 +80,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"memsafe demo: data in {settings.data_dir}, Dagster home {home}", flush=True)
         if not args.ui:
             return 0
-        env = {**os.environ, "DAGSTER_HOME": str(home), "MEMSAFE_DEMO_DATA": str(settings.data_dir)}
-        argv = ui_command(args.host, args.port)
+        workspace = settings.data_dir / "workspace.yaml"
+        workspace.write_text(WORKSPACE_YAML)
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "MEMSAFE_DEMO_DATA": str(settings.data_dir),
+            "PYTHONWARNINGS": "ignore:Function `dev_command` is superseded:Warning",
+        }
+        argv = ui_command(workspace, args.host, args.port)
         print(
             f"memsafe demo: web UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True
         )
