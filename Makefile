@@ -9,7 +9,7 @@ BENCH  ?= quick
 # The demo's data and its own Dagster instance (`make ui` shows what `make demo` ran).
 DEMO_DATA := $(abspath $(or $(MEMSAFE_DEMO_DATA),.memsafe_data))
 
-.PHONY: demo test ui bench lint format clean constraints
+.PHONY: demo test ui browser check-install bench lint format clean constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,19 @@ demo: $(DEV)
 test: $(DEV)
 	$(BIN)/python -m pytest -q
 
+# The demo is a dg project ([tool.dg] in pyproject.toml): `dg dev` serves it (workspace.yaml
+# keeps `dagster dev -w workspace.yaml` working too). UI_PORT=3001 make ui for another port.
+UI_PORT ?= 3000
 ui: $(DEV)
 	MEMSAFE_DEMO_DATA=$(DEMO_DATA) $(BIN)/memsafe demo --prepare
 	MEMSAFE_DEMO_DATA=$(DEMO_DATA) DAGSTER_HOME=$(DEMO_DATA)/dagster_home \
-		$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1
+		DAGSTER_DG_UPDATE_CHECK_ENABLED=0 $(BIN)/dg dev --host 127.0.0.1 --port $(UI_PORT)
+
+# Headless Chromium for the web-UI tests: Debian's package (needs root, as on CI). Without it
+# those tests skip, loudly, and the rest of the suite runs.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; } \
+		|| echo "make browser: could not install chromium; the web-UI tests will skip"
 
 bench: $(BENCHX)
 	$(BIN)/python -m benchmarks.run --suite $(BENCH)
@@ -46,6 +55,19 @@ lint: $(DEV)
 format: $(DEV)
 	$(BIN)/ruff check --fix memsafe_dagster tests benchmarks
 	$(BIN)/ruff format memsafe_dagster tests benchmarks
+
+# The dependency ranges as a user meets them: the built wheel (not editable) and dagster-dg-cli,
+# resolved by pip without constraints in a fresh venv; then dg lists memsafe's components.
+check-install:
+	rm -rf .venv-install .dist-install
+	$(PYTHON) -m venv .venv-install
+	.venv-install/bin/python -m pip install -q --upgrade pip
+	.venv-install/bin/python -m pip wheel -q --no-deps -w .dist-install .
+	.venv-install/bin/python -m pip install -q .dist-install/memsafe_dagster-*.whl dagster-dg-cli
+	.venv-install/bin/python -m pip check
+	cd / && DAGSTER_DG_UPDATE_CHECK_ENABLED=0 $(CURDIR)/.venv-install/bin/dg list components \
+		| grep -E "memsafe_dagster\.(MergeComponent|MemoryResourceComponent)"
+	rm -rf .venv-install .dist-install
 
 # Re-resolve every dependency in a fresh venv and write what it installed to constraints.txt.
 constraints:
@@ -59,4 +81,4 @@ constraints:
 	rm -rf .venv-constraints
 
 clean:
-	rm -rf $(VENV) .memsafe_data .pytest_cache
+	rm -rf $(VENV) .memsafe_data .pytest_cache .venv-install .dist-install

@@ -1,7 +1,9 @@
 """memsafe-dagster: Dagster asset runs that move Parquet data inside their memory budget.
 
 Names are imported lazily so ``memsafe status`` and the core layers start without importing
-Dagster; ``from memsafe_dagster import X`` works for every public name below.
+Dagster; ``from memsafe_dagster import X`` works for every public name below. This package is
+also the ``dagster_dg_cli.registry_modules`` entry point: ``dg`` lists the components it
+exports as ``memsafe_dagster.MergeComponent`` and ``memsafe_dagster.MemoryResourceComponent``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ _EXPORTS: dict[str, str] = {
     "MemoryMonitorResource": "memsafe_dagster.resources",
     "ChunkedParquetIOManager": "memsafe_dagster.io_managers",
     "build_merge_asset": "memsafe_dagster.merge_asset",
+    "memory_gate": "memsafe_dagster.sensors",
+    "build_inbox_sensor": "memsafe_dagster.sensors",
+    "build_memsafe_failure_sensor": "memsafe_dagster.sensors",
+    "build_merge_job": "memsafe_dagster.schedules",
+    "build_merge_schedule": "memsafe_dagster.schedules",
+    # components (dg): the dagster_dg_cli.registry_modules entry point names this package
+    "MergeComponent": "memsafe_dagster.components",
+    "MemoryResourceComponent": "memsafe_dagster.components",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

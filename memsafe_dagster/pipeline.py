@@ -1,8 +1,13 @@
 """MemoryAwarePipeline: the seed's staged pipeline, with pressure checks around every stage.
 
-Stages are plain callables. On a whole table each runs once; on a ``ChunkStream`` (or a path,
-dataset or reader, which are streamed) each runs chunk by chunk, lazily, as the returned
-stream is consumed. Before and after every stage (every chunk, when streaming) the monitor is
+Stages are plain callables, and a stage gets the whole data unless it is marked
+``row_local``: only a stage whose output for a chunk does not depend on the other chunks (a
+filter, a projection, a computed column) may run chunk by chunk; an aggregation, a sort or a
+join run per chunk would return per-chunk results. So on a ``ChunkStream`` (or a path, dataset
+or reader, which are streamed) the leading ``row_local`` stages run chunk by chunk, lazily;
+the first other stage gathers the stream into one table (checking pressure per chunk, and
+refusing with ``MemoryPressureError`` naming the stage at EMERGENCY) and it and the rest run
+on that table. Before and after every stage (every chunk, when streaming) the monitor is
 checked: WARNING is logged, CRITICAL (or the budget ratio above ``gc_threshold``) collects
 garbage, and EMERGENCY, if one collection does not relieve it, raises ``MemoryPressureError``
 naming the stage.
@@ -35,6 +40,30 @@ EMERGENCY = MemoryPressureLevel.EMERGENCY
 
 Stage = Callable[[Any], Any]
 MIN_GC_INTERVAL_S = 1.0
+_ROW_LOCAL = "__memsafe_row_local__"
+
+
+def row_local(stage: Stage) -> Stage:
+    """Mark ``stage`` as row-local: its result for a chunk depends on that chunk alone, so a
+    streamed pipeline may run it chunk by chunk. Use as a decorator or around a callable."""
+    if not callable(stage):
+        raise TypeError(f"row_local needs a callable stage, got {stage!r}")
+    try:
+        setattr(stage, _ROW_LOCAL, True)
+        return stage
+    except (AttributeError, TypeError):  # builtins and other objects without a __dict__
+
+        def wrapped(data: Any) -> Any:
+            return stage(data)
+
+        wrapped.__name__ = _stage_name(stage)
+        setattr(wrapped, _ROW_LOCAL, True)
+        return wrapped
+
+
+def is_row_local(stage: Stage) -> bool:
+    """Whether ``stage`` was marked with ``row_local``."""
+    return getattr(stage, _ROW_LOCAL, False) is True
 
 
 @dataclass
@@ -122,9 +151,11 @@ class MemoryAwarePipeline:
         """Run ``data`` through ``stages`` in order; returns the last stage's result.
 
         A ``pa.Table`` (or any object) goes through each stage whole. A ``ChunkStream``, a
-        path or URL, a ``pyarrow.dataset.Dataset`` or a ``RecordBatchReader`` is streamed:
-        each stage runs per chunk (so it must be row-local, like a filter or projection) and a
-        ``ChunkStream`` is returned at once, to be consumed by the caller.
+        path or URL, a ``pyarrow.dataset.Dataset`` or a ``RecordBatchReader`` is streamed: the
+        leading stages marked ``row_local`` run per chunk (when all are, a ``ChunkStream`` is
+        returned at once, to be consumed by the caller); the first unmarked stage gets the
+        whole data, gathered from the stream within the memory budget, and so do the stages
+        after it.
         """
         stages = list(stages)
         if not stages:
@@ -141,13 +172,42 @@ class MemoryAwarePipeline:
             data = process_in_chunks(
                 data, self.chunk_size_rows, memory_monitor=self.monitor, adaptive=True
             )
-        if isinstance(data, ChunkStream):
-            for i, stage in enumerate(stages, 1):
-                data = self._stream_stage(data, stage, i, len(stages))
-            return data
         for i, stage in enumerate(stages, 1):
+            if isinstance(data, ChunkStream):
+                if is_row_local(stage):
+                    data = self._stream_stage(data, stage, i, len(stages))
+                    continue
+                data = self._gather(data, stage, i, len(stages))
             data = self._table_stage(data, stage, i, len(stages))
         return data
+
+    def _gather(self, stream: ChunkStream, stage: Stage, index: int, total: int) -> pa.Table:
+        """The whole stream as one table for a stage that is not row-local; pressure is
+        checked per chunk and EMERGENCY (after one collection) refuses, naming the stage."""
+        name = _stage_name(stage)
+        tables: list[pa.Table] = []
+        rows = 0
+        for chunk in stream:
+            tables.append(chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk]))
+            rows += chunk.num_rows
+            level = self.monitor.check_memory_pressure()
+            if level is EMERGENCY:
+                gc.collect()
+                level = self.monitor.check_memory_pressure()
+            if level is EMERGENCY:
+                stream.close()
+                raise MemoryPressureError(
+                    f"pipeline stage {index}/{total} {name!r} is not row-local, so it needs "
+                    f"the whole data, and gathering it reached memory pressure EMERGENCY after "
+                    f"{rows:,} rows ({self.monitor.get_detailed_status()}). If the stage works "
+                    "chunk by chunk (a filter, a projection), mark it with "
+                    "memsafe_dagster.pipeline.row_local; otherwise raise the budget",
+                    level=level,
+                    status=self.monitor.get_memory_status(),
+                )
+        if not tables:
+            return stream.schema.empty_table()
+        return pa.concat_tables(tables)
 
     # -- whole data -------------------------------------------------------------------------
 

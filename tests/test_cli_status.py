@@ -91,15 +91,16 @@ def test_monitor_prints_one_timestamped_line_per_tick() -> None:
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 3
     pattern = (
-        r"^✅ \[\d\d:\d\d:\d\d\] PyArrow: [\d.]+MB Process: [\d.]+MB "
-        r"System: [\d.]+MB Pressure: NORMAL$"
+        r"^✅ \[\d\d:\d\d:\d\d\] (Working set|Used): [\d.]+MB of [\d.]+MB "
+        r"\(\d+%, [\w:-]+\) Available: [\d.]+MB Pressure: NORMAL$"
     )
     for line in lines:
         assert re.match(pattern, line), line
 
 
-def test_monitor_reports_emergency_under_an_impossible_budget() -> None:
-    out = memsafe("monitor", "--interval", "0.05", "--count", "1", "--max-process-mb", "1")
+@pytest.mark.parametrize("flag", ["--max-memory", "--max-process-mb"])  # new, old spelling
+def test_monitor_reports_emergency_under_an_impossible_budget(flag: str) -> None:
+    out = memsafe("monitor", "--interval", "0.05", "--count", "1", flag, "1")
     assert out.returncode == 0
     assert out.stdout.startswith("🚨") and "Pressure: EMERGENCY" in out.stdout
 
@@ -116,8 +117,8 @@ def test_monitor_rejects_bad_arguments(args: list[str], message: str) -> None:
 @pytest.mark.usefixtures("cgroup_caps")
 def test_run_reports_an_oom_kill_under_the_cap() -> None:
     hog = "x = b'1' * (400 * 1024 * 1024)"
-    out = memsafe("run", "--memory", "150m", "--", "python3", "-c", hog)
+    out = memsafe("run", "--limit", "150m", "--", "python3", "-c", hog)
     assert out.returncode == 137
-    assert "OOM-killed" in out.stderr and "under a 150m cap" in out.stderr
-    ok = memsafe("run", "--memory", "150m", "--", "python3", "-c", "print('fits')")
+    assert "OOM-killed" in out.stderr and "under a 150 MB cap" in out.stderr
+    ok = memsafe("run", "--memory", "150", "--", "python3", "-c", "print('fits')")  # old flag
     assert ok.returncode == 0 and ok.stdout.strip() == "fits"

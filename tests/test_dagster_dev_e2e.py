@@ -235,6 +235,7 @@ def test_dagster_dev_launches_the_demo_merge_and_the_sensor_merges_the_inbox(
         "MEMSAFE_DEMO_ORDERS_PER_DAY": "4000",
         "MEMSAFE_DEMO_CHUNK_ROWS": "1500",
         "MEMSAFE_DEMO_SENSOR_INTERVAL": "1",
+        "MEMSAFE_DEMO_START_DATE": DAY,
     }
     dev = DagsterDev(env, tmp_path, tmp_path / "dagster-dev.log")
     try:

@@ -1,4 +1,5 @@
-"""MemoryAwarePipeline: stages on tables and streams, checks around each, reports per stage."""
+"""MemoryAwarePipeline: stages on tables and streams, checks around each, reports per stage;
+on streams only stages marked row_local run per chunk, the others get the whole data."""
 
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from stream_helpers import (
 import memsafe_dagster.pipeline as pipeline_module
 from memsafe_dagster import MemoryAwarePipeline, MemoryPressureError
 from memsafe_dagster.datasets import ChunkStream
+from memsafe_dagster.pipeline import is_row_local, row_local
 
 
 @pytest.fixture
@@ -34,14 +36,17 @@ def collections(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@row_local
 def only_active(data):
     return data.filter(pc.field("status") == "active")
 
 
+@row_local
 def ids_and_x(data):
     return data.select(["id", "x"])
 
 
+@row_local
 def doubled(data):
     return data.set_column(1, "x", pc.multiply(data.column("x"), 2))
 
@@ -172,6 +177,7 @@ def test_stages_are_validated(stages: list) -> None:
 def test_streams_run_stages_per_chunk_lazily() -> None:
     calls: list[int] = []
 
+    @row_local
     def counted(chunk):
         calls.append(chunk.num_rows)
         return only_active(chunk)
@@ -210,7 +216,7 @@ def test_stream_emergency_names_the_stage() -> None:
 def test_stream_stage_must_return_arrow() -> None:
     p = pipeline()
     out = p.process_pipeline(
-        [lambda chunk: chunk.num_rows], data=ChunkStream.from_batches(table(10))
+        [row_local(lambda chunk: chunk.num_rows)], data=ChunkStream.from_batches(table(10))
     )
     with pytest.raises(TypeError, match="per-chunk stages must return a pyarrow Table"):
         list(out)
@@ -223,3 +229,79 @@ def test_output_chunks_follow_the_upstream_size() -> None:
     assert next(out).num_rows == 2_000
     source.chunk_size_rows = 500
     assert max(c.num_rows for c in out) == 500
+
+
+# -- stages that are not row-local ------------------------------------------------------------
+
+
+def by_status(data):
+    return data.group_by("status").aggregate([("x", "sum"), ("id", "count")])
+
+
+def expected_by_status(rows: int) -> dict[str, tuple[float, int]]:
+    whole = table(rows)
+    return {
+        r["status"]: (r["x_sum"], r["id_count"])
+        for r in whole.group_by("status").aggregate([("x", "sum"), ("id", "count")]).to_pylist()
+    }
+
+
+def test_a_stage_that_is_not_row_local_gets_the_whole_streamed_data(tmp_path: Path) -> None:
+    """The aggregate of a path streamed in chunks is the aggregate of all rows (run per chunk,
+    it returned one row per group and chunk)."""
+    write_files(tmp_path / "d", files=6, rows_per_file=1_000)
+    p = pipeline(chunk_size_rows=400)
+    out = p.process_pipeline([ids_and_x_status, by_status], data=str(tmp_path / "d"))
+    assert isinstance(out, pa.Table) and out.num_rows == len(expected_by_status(6_000))
+    got = {r["status"]: (r["x_sum"], r["id_count"]) for r in out.to_pylist()}
+    assert got == expected_by_status(6_000)
+    first, second = p.stage_reports
+    assert first.streaming and first.chunks > 6  # the projection ran per chunk
+    assert not second.streaming and (second.rows_in, second.chunks) == (6_000, 1)
+
+
+@row_local
+def ids_and_x_status(data):
+    return data.select(["id", "x", "status"])
+
+
+def test_after_a_whole_data_stage_the_rest_run_on_the_table() -> None:
+    source = ChunkStream.from_batches(table(3_000), chunk_size_rows=500)
+    p = pipeline()
+    out = p.process_pipeline(
+        [only_active, by_status, row_local(lambda t: t.slice(0, 1))], data=source
+    )
+    assert isinstance(out, pa.Table) and out.num_rows == 1
+    assert [r.streaming for r in p.stage_reports] == [True, False, False]
+
+
+def test_unmarked_stages_on_a_stream_are_not_run_per_chunk() -> None:
+    calls: list[int] = []
+
+    def whole(data):
+        calls.append(data.num_rows)
+        return data
+
+    p = pipeline()
+    out = p.process_pipeline(
+        [whole], data=ChunkStream.from_batches(table(5_000), chunk_size_rows=1_000)
+    )
+    assert calls == [5_000] and out.num_rows == 5_000
+    assert not is_row_local(whole) and is_row_local(only_active)
+
+
+def test_gathering_for_a_whole_data_stage_is_refused_at_emergency() -> None:
+    p = pipeline([NORMAL, NORMAL, EMERGENCY, EMERGENCY])
+    source = ChunkStream.from_batches(table(5_000), chunk_size_rows=1_000)
+    with pytest.raises(MemoryPressureError) as info:
+        p.process_pipeline([by_status], data=source)
+    message = str(info.value)
+    assert "pipeline stage 1/1 'by_status' is not row-local, so it needs the whole data" in message
+    assert "after 3,000 rows" in message and "row_local" in message
+
+
+def test_row_local_wraps_callables_without_attributes() -> None:
+    marked = row_local(len)
+    assert is_row_local(marked) and marked(table(4)) == 4
+    with pytest.raises(TypeError, match="callable"):
+        row_local("stage")

@@ -75,8 +75,8 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def test_processing_large_datasets(workdir: Path) -> None:
-    code = "import pyarrow as pa\n" + textwrap.dedent(PROCESSING_LARGE_DATASETS)
-    out = run_child(code, workdir)
+    # As pasted: the example brings its own imports (it used pa without importing it).
+    out = run_child(textwrap.dedent(PROCESSING_LARGE_DATASETS), workdir)
     assert "Processing 120,000 rows with memory monitoring..." in out
     assert "Progress: 100.0%" in out
     assert "✅ Completed processing 3 chunks successfully" in out
@@ -190,3 +190,25 @@ def test_the_seeds_own_pipeline_class_runs_on_our_monitor() -> None:
     namespace["MemoryAwarePipeline"].load_initial_data = lambda self: data  # assumed by the seed
     exec(PIPELINE_USAGE_FIXED, namespace)
     assert sums_by_category(namespace["result"]) == expected_sums()
+
+
+def test_memory_aware_pipeline_on_a_path_aggregates_all_the_data(tmp_path: Path) -> None:
+    """Given a path (streamed in chunks), the seed's unmarked stages get the whole data: the
+    group_by returns one row per category, not one per category and chunk."""
+    namespace = pipeline_namespace()
+    whole = seed_table(1_000)
+    for i in range(6):
+        pq.write_table(whole.slice(i * 167, 167), tmp_path / f"part-{i}.parquet")
+    base = namespace["MemoryAwarePipeline"].__mro__[1]
+
+    class OnAPath(base):
+        def load_initial_data(self):
+            return str(tmp_path)
+
+    namespace["MemoryAwarePipeline"] = lambda memory_limit_mb: OnAPath(
+        memory_limit_mb, chunk_size_rows=100
+    )
+    exec(PIPELINE_USAGE_FIXED, namespace)
+    result = namespace["result"]
+    assert result.num_rows == 4
+    assert sums_by_category(result) == expected_sums()

@@ -1,9 +1,14 @@
-"""``memsafe demo``: the main job. Materializes the demo graph headless and prints a report."""
+"""``memsafe demo``: the main job. Materializes the demo graph headless and prints a report;
+``memsafe demo --ui`` serves the demo's runs in the Dagster web UI (no source checkout needed).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +37,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only create the data directory and the Dagster home (used by `make ui`)",
     )
+    parser.add_argument(
+        "--ui",
+        action="store_true",
+        help="serve the demo's runs, plots and checks in the Dagster web UI (dagster dev)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="web UI host (with --ui)")
+    parser.add_argument("--port", type=int, default=3000, help="web UI port (with --ui)")
     parser.set_defaults(handler=run)
+
+
+WORKSPACE_YAML = """\
+# Written by `memsafe demo --ui`: the demo's definitions, as the repository's workspace.yaml
+# and `dg dev` (its [tool.dg] project) load them.
+load_from:
+  - python_module:
+      module_name: memsafe_dagster.demo.definitions
+      attribute: defs
+      location_name: memsafe_demo
+"""
+
+
+def ui_command(workspace: Path, host: str, port: int) -> list[str]:
+    """``dagster dev`` on the demo's workspace. A wheel carries no dg project (that is the
+    checkout's pyproject.toml, where ``make ui`` runs ``dg dev``), so this is the web UI's own
+    command; its advice to use ``dg dev`` is for projects and is silenced."""
+    beside = Path(sys.executable).parent / "dagster"
+    dagster = str(beside) if beside.exists() else shutil.which("dagster") or "dagster"
+    return [dagster, "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,11 +74,25 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings.from_env()
     if args.days is not None and args.days <= 0:
         raise ValueError(f"--days must be a positive integer, got {args.days}")
-    if args.prepare:
+    if args.prepare or args.ui:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         home = ensure_dagster_home(settings.dagster_home)
-        print(f"memsafe demo: data in {settings.data_dir}, Dagster home {home}")
-        return 0
+        print(f"memsafe demo: data in {settings.data_dir}, Dagster home {home}", flush=True)
+        if not args.ui:
+            return 0
+        workspace = settings.data_dir / "workspace.yaml"
+        workspace.write_text(WORKSPACE_YAML)
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(home),
+            "MEMSAFE_DEMO_DATA": str(settings.data_dir),
+            "PYTHONWARNINGS": "ignore:Function `dev_command` is superseded:Warning",
+        }
+        argv = ui_command(workspace, args.host, args.port)
+        print(
+            f"memsafe demo: web UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True
+        )
+        os.execvpe(argv[0], argv, env)
     report = run_demo(
         settings,
         days=args.days,

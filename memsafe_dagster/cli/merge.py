@@ -8,10 +8,11 @@ import os
 import sys
 from typing import Any
 
+from memsafe_dagster.cli._monitor_options import add_size_option
 from memsafe_dagster.datasets.commit import DatasetLockedError
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.merge import STRATEGIES
-from memsafe_dagster.memory import detect_memory_limits, parse_memory_size
+from memsafe_dagster.memory import detect_memory_limits
 from memsafe_dagster.memory.sizes import MiB
 
 
@@ -35,20 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="key column; repeat (or use a,b) for a composite key",
     )
     parser.add_argument("--strategy", choices=STRATEGIES, default="upsert")
-    parser.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        help="process memory budget, e.g. 512MB (default: 60%% of the detected limit)",
+    add_size_option(
+        parser, "--max-memory", "process memory budget (default: 60%% of the detected limit)"
     )
-    parser.add_argument(
-        "--max-pyarrow",
-        metavar="SIZE",
-        help="PyArrow allocation budget (default: the process budget)",
-    )
-    parser.add_argument(
+    add_size_option(parser, "--max-pyarrow", "PyArrow budget (default: the process budget)")
+    add_size_option(
+        parser,
         "--min-available",
-        metavar="SIZE",
-        help="stop when less than this stays available (default: 10%% of the limit, <= 256MB)",
+        "stop when less than this stays available (default: 10%% of the limit, <= 256MB)",
     )
     parser.add_argument("--chunk-rows", type=int, default=100_000, help="rows per chunk")
     parser.add_argument("--on-duplicate-keys", choices=("error", "first", "last"), default="error")
@@ -90,14 +85,10 @@ PYTHON_TO_FLAGS = (
 def budgets(args: argparse.Namespace) -> dict[str, float]:
     """The memory parameters of ``merge_dataset`` from the command line and detected limit."""
     limit_mb = detect_memory_limits().limit_bytes / MiB
-    process_mb = (
-        parse_memory_size(args.max_memory) / MiB if args.max_memory else round(limit_mb * 0.6)
-    )
-    pyarrow_mb = parse_memory_size(args.max_pyarrow) / MiB if args.max_pyarrow else process_mb
+    process_mb = args.max_memory if args.max_memory is not None else round(limit_mb * 0.6)
+    pyarrow_mb = args.max_pyarrow if args.max_pyarrow is not None else process_mb
     available_mb = (
-        parse_memory_size(args.min_available) / MiB
-        if args.min_available
-        else min(256.0, round(limit_mb * 0.1))
+        args.min_available if args.min_available is not None else min(256.0, round(limit_mb * 0.1))
     )
     if process_mb <= 0 or pyarrow_mb <= 0:
         raise ValueError("--max-memory and --max-pyarrow must be positive sizes")

@@ -35,6 +35,13 @@ def run(args: argparse.Namespace) -> int:
     if not fs.exists(target):
         print(f"memsafe recover: error: {args.target} does not exist", file=sys.stderr)
         return 2
+    if not fs.isdir(target):
+        print(
+            f"memsafe recover: error: {args.target} is a file; recover works on the dataset "
+            "directory a merge writes into (the TARGET of `memsafe merge`)",
+            file=sys.stderr,
+        )
+        return 2
     pending = pending_commits(fs, target)
     try:
         report = recover(fs, target, break_lock=args.break_lock, lock_timeout_s=args.lock_timeout)

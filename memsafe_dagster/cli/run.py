@@ -1,10 +1,11 @@
-"""``memsafe run --memory 512m -- CMD``: run a command under a real cgroup memory cap."""
+"""``memsafe run --limit 512m -- CMD``: run a command under a real cgroup memory cap."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from memsafe_dagster.cli._monitor_options import SIZE_HELP, add_size_option
 from memsafe_dagster.memory.cgroup_cap import CgroupCapUnavailable, run_capped
 
 
@@ -13,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="run a command under a real memory cap (a child cgroup), report its peak",
     )
-    parser.add_argument("--memory", required=True, help="the cap, e.g. 512m or 2Gi")
+    add_size_option(parser, "--limit", f"the cap the command runs under ({SIZE_HELP})", "--memory")
     parser.add_argument("--timeout", type=float, default=None, help="kill after S seconds")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- command and arguments")
     parser.set_defaults(handler=run)
@@ -22,9 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
-        raise ValueError("no command given: memsafe run --memory 512m -- python job.py")
+        raise ValueError("no command given: memsafe run --limit 512m -- python job.py")
+    if args.limit is None:
+        raise ValueError("--limit SIZE is required: memsafe run --limit 512m -- python job.py")
+    cap_bytes = int(args.limit * 2**20)
     try:
-        result = run_capped(cmd, args.memory, timeout_s=args.timeout)
+        result = run_capped(cmd, cap_bytes, timeout_s=args.timeout)
     except CgroupCapUnavailable as exc:
         print(f"memsafe run: cannot cap memory here: {exc}", file=sys.stderr)
         return 2
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"memsafe run: {verdict} (exit {result.returncode}) in {result.wall_s:.2f}s, "
-        f"peak RSS {result.peak_rss_mb:.1f} MB under a {args.memory} cap",
+        f"peak RSS {result.peak_rss_mb:.1f} MB under a {args.limit:.0f} MB cap",
         file=sys.stderr,
     )
     return result.returncode if result.returncode >= 0 else 128 - result.returncode

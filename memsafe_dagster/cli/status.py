@@ -1,16 +1,32 @@
-"""``memsafe status [--json]``: the detected limit, where it comes from, usage and pressure."""
+"""``memsafe status [--json]``: the detected limit, where it comes from, usage and pressure.
+
+The pressure is the container's (its working set against the budgets, see
+``_monitor_options.container_sample``); the exit status makes the command a probe: 0 at
+NORMAL and WARNING, 3 at CRITICAL (where memory-gated sensors stop launching runs), 4 at
+EMERGENCY.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from memsafe_dagster.cli._monitor_options import add_budget_options, monitor_from_args
-from memsafe_dagster.memory import MemoryMonitor, psutil
+from memsafe_dagster.cli._monitor_options import (
+    EXIT_STATUS,
+    add_budget_options,
+    container_sample,
+    monitor_from_args,
+)
+from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel, psutil
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("status", help="detected memory limit, usage and pressure")
+    parser = subparsers.add_parser(
+        "status",
+        help="detected memory limit, usage and pressure",
+        description="The memory limit that applies here, where it comes from, usage, pressure.",
+        epilog="exit status: 0 NORMAL or WARNING, 3 CRITICAL, 4 EMERGENCY",
+    )
     parser.add_argument("--json", action="store_true", help="stable JSON for machines")
     add_budget_options(parser)
     parser.set_defaults(handler=run)
@@ -19,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def status_document(monitor: MemoryMonitor) -> dict:
     """The JSON document of ``memsafe status --json`` (keys are stable)."""
     status = monitor.get_memory_status()
+    _reading, level, _label = container_sample(monitor)
+    status["pressure"] = level.value
     return {
         "limit_mb": status["limit_mb"],
         "limit_source": status["limit_source"],
@@ -39,9 +57,10 @@ def status_document(monitor: MemoryMonitor) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     doc = status_document(monitor_from_args(args))
+    code = EXIT_STATUS[MemoryPressureLevel(doc["pressure"])]
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
-        return 0
+        return code
     limits = doc["limits"]
     cgroup = (
         f"v{limits['cgroup_version']} {limits['cgroup_path']}" if limits["cgroup_path"] else "none"
@@ -68,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    return 0
+    return code
 
 
 def _mb(value: float | None) -> str:

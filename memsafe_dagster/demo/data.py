@@ -1,10 +1,12 @@
 """The demo's data: daily orders generated chunk by chunk, and CRM customer exports.
 
-New orders of day ``d`` get ids ``d * orders_per_day + i``. From the second day on, a tenth as
-many rows again are status changes of earlier orders (same ``order_id``, a later status and
-``updated_at``), so the warehouse upsert reports updates as well as inserts; about one new order
-in a hundred is dirty (no customer, or a non-positive amount) for the cleaning step to drop.
-Everything is seeded by the day, so a partition always regenerates the same rows.
+New orders of a day get ids ``first_id + d * orders_per_day + i`` (``d`` the day's index from
+the first demo day; ``first_id`` makes a date's ids the same whichever day the demo starts
+on). From the second day on, a tenth as many rows again are status changes of earlier orders
+(same ``order_id``, a later status and ``updated_at``), so the warehouse upsert reports
+updates as well as inserts; about one new order in a hundred is dirty (no customer, or a
+non-positive amount) for the cleaning step to drop. Everything is seeded by the day, so a
+partition always regenerates the same rows.
 """
 
 from __future__ import annotations
@@ -77,7 +79,12 @@ def _midnight_ms(day: str) -> int:
 
 
 def order_batches(
-    day: str, day_index: int, orders_per_day: int, chunk_rows: int, customers: int
+    day: str,
+    day_index: int,
+    orders_per_day: int,
+    chunk_rows: int,
+    customers: int,
+    first_id: int = 0,
 ) -> Iterator[pa.RecordBatch]:
     """The rows of ``day`` in record batches of ``chunk_rows`` rows, generated lazily:
     ``orders_per_day`` new orders, then (from the second day on) status changes of a tenth as
@@ -101,6 +108,7 @@ def order_batches(
             order_ts = np.where(
                 is_update, order_ts - 86_400_000 * (day_index - placed_day), order_ts
             )
+        ids = ids + first_id
         status = np.where(is_update, rng.integers(2, 5, n), rng.integers(0, 2, n))
         amount = np.round(rng.gamma(2.0, 40.0, n), 2)
         dirty = (rng.random(n) < DIRTY_SHARE) & ~is_update

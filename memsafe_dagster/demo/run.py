@@ -1,11 +1,11 @@
 """``memsafe demo``: materialize the demo graph headless and print a short report per asset.
 
 Runs go into the demo's own persistent Dagster instance, ``<data dir>/dagster_home`` (never a
-``$DAGSTER_HOME`` of yours), which ``make ui`` also uses: the web UI then shows their history,
-metadata plots and check results. Each day is one run of ``orders_job`` (orders_raw ->
-orders_clean -> warehouse_orders); then new CRM exports are dropped into the inbox and
-``customers_job`` merges them. Running it again regenerates the same days: the warehouse
-reports updates, not inserts.
+``$DAGSTER_HOME`` of yours), which ``memsafe demo --ui`` and ``make ui`` also use: the web UI
+then shows their history, metadata plots and check results. Each day is one run of
+``orders_job`` (orders_raw -> orders_clean -> warehouse_orders); then new CRM exports are
+dropped into the inbox and ``customers_job`` merges them. Running it again regenerates the
+same days: the warehouse reports updates, not inserts.
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ def print_report(report: DemoReport, home: Path, out: IO[str]) -> None:
     verdict = "all succeeded" if not failed else f"{len(failed)} FAILED"
     print(
         f"{len(report.runs)} runs in {report.duration_s:.1f} s, {verdict}. Warehouse rows are the "
-        "target's after the merge. `make ui` shows the runs, metadata plots and checks "
-        f"(DAGSTER_HOME={home}).",
+        "target's after the merge. `memsafe demo --ui` shows the runs, metadata plots and "
+        f"checks in the web UI (DAGSTER_HOME={home}).",
         file=out,
     )
     for job, run_id in failed:

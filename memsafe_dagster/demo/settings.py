@@ -5,12 +5,14 @@
 ``MEMSAFE_DEMO_DAYS``            days ``memsafe demo`` materializes (default 3)
 ``MEMSAFE_DEMO_CUSTOMERS``       customers in the CRM export dropped into the inbox (default 20000)
 ``MEMSAFE_DEMO_CHUNK_ROWS``      rows per chunk when generating, cleaning and merging (25000)
-``MEMSAFE_DEMO_START_DATE``      first daily partition (default 2025-01-01)
+``MEMSAFE_DEMO_START_DATE``      first daily partition (default: ``MEMSAFE_DEMO_DAYS`` days ago, so
+                                 the demo's days are exactly the partitions that exist)
 ``MEMSAFE_DEMO_SENSOR_INTERVAL`` seconds between inbox sensor ticks (default 15)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from collections.abc import Mapping
@@ -28,7 +30,15 @@ _INTS = {
     "sensor_interval_s": ("MEMSAFE_DEMO_SENSOR_INTERVAL", 15),
 }
 START_ENV = "MEMSAFE_DEMO_START_DATE"
-DEFAULT_START = "2025-01-01"
+#: Day 0 of the order ids: a date's orders keep their ids whichever day the demo starts on.
+ID_EPOCH = dt.date(2020, 1, 1)
+
+
+def default_start(days: int, today: dt.date | None = None) -> str:
+    """The first of the ``days`` complete days before ``today`` (UTC): the daily partitions
+    that exist then are exactly the days ``memsafe demo`` runs."""
+    today = today if today is not None else dt.datetime.now(dt.timezone.utc).date()
+    return (today - dt.timedelta(days=days)).isoformat()
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ class DemoSettings:
     customers: int = 20_000
     chunk_rows: int = 25_000
     sensor_interval_s: int = 15
-    start_date: str = DEFAULT_START
+    start_date: str = dataclasses.field(default_factory=lambda: default_start(3))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DemoSettings:
@@ -62,7 +72,7 @@ class DemoSettings:
             if value <= 0:
                 raise ValueError(f"{var} must be a positive integer, got {raw!r}")
             values[field_name] = value
-        start = env.get(START_ENV) or DEFAULT_START
+        start = env.get(START_ENV) or default_start(values["days"])
         try:
             dt.date.fromisoformat(start)
         except ValueError:
@@ -100,3 +110,8 @@ class DemoSettings:
 
     def day_index(self, partition_key: str) -> int:
         return (dt.date.fromisoformat(partition_key) - dt.date.fromisoformat(self.start_date)).days
+
+    @property
+    def first_order_id(self) -> int:
+        """The first order id of the first demo day (ids count days from ``ID_EPOCH``)."""
+        return (dt.date.fromisoformat(self.start_date) - ID_EPOCH).days * self.orders_per_day

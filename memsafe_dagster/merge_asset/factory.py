@@ -8,6 +8,7 @@ metadata and pool. The spec rides on the returned definition for sensors (``merg
 Annotations here stay real objects (no postponed evaluation): Dagster reads them at runtime.
 """
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -171,7 +172,7 @@ def build_merge_asset(
         "partitions_def": partitions_def,
         "required_resource_keys": {memory_resource_key}
         | ({catalog_resource_key} if target_table is not None else set()),
-        "check_specs": _check_specs(spec),
+        "check_specs": _check_specs(spec, partitions_def),
         "metadata": definition_metadata(spec),
         "pool": spec.pool,
         "retry_policy": retry_policy,
@@ -256,25 +257,31 @@ def _or(
     return given if given is not None else upstream
 
 
-def _check_specs(spec: MergeAssetSpec) -> list[dg.AssetCheckSpec]:
-    """``unique_keys`` (unless switched off) and ``memory_headroom``."""
-    specs = [
-        dg.AssetCheckSpec(
-            MEMORY_HEADROOM,
-            asset=spec.key,
-            description="Warns when the merge's peak RSS came close to the memory limit.",
-        )
-    ]
+def _check_specs(
+    spec: MergeAssetSpec, partitions_def: dg.PartitionsDefinition | None
+) -> list[dg.AssetCheckSpec]:
+    """``unique_keys`` (unless switched off) and ``memory_headroom``.
+
+    A partitioned asset's checks carry its partitions: Dagster then records each evaluation
+    for the run's partition. Without them it plans the check for the partition but records the
+    evaluation for none, and the plan stays a phantom "Skipped" record in the check history.
+    """
+    described = []
     if spec.check_unique_keys:
-        specs.insert(
-            0,
+        keys = ", ".join(spec.key_columns)
+        described.append((UNIQUE_KEYS, f"Every key ({keys}) occurs once in the target."))
+    described.append(
+        (MEMORY_HEADROOM, "Warns when the merge's peak RSS came close to the memory limit.")
+    )
+    with warnings.catch_warnings():
+        # partitions_def on an AssetCheckSpec is marked preview; it is the documented way.
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return [
             dg.AssetCheckSpec(
-                UNIQUE_KEYS,
-                asset=spec.key,
-                description=f"Every key ({', '.join(spec.key_columns)}) occurs once in the target.",
-            ),
-        )
-    return specs
+                name, asset=spec.key, description=description, partitions_def=partitions_def
+            )
+            for name, description in described
+        ]
 
 
 def _prefix(key_prefix: str | Sequence[str] | None) -> list[str]:
