@@ -29,12 +29,14 @@ _EXPORTS: dict[str, str] = {
     "ChunkedParquetWriter": "memsafe_dagster.datasets",
     "PyarrowDatasetIO": "memsafe_dagster.datasets",
     "MergeResult": "memsafe_dagster.datasets",
+    "merge_iceberg": "memsafe_dagster.datasets",
     # pipeline
     "MemoryAwarePipeline": "memsafe_dagster.pipeline",
     # dagster layer
     "MemoryMonitorResource": "memsafe_dagster.resources",
     "ChunkedParquetIOManager": "memsafe_dagster.io_managers",
     "build_merge_asset": "memsafe_dagster.merge_asset",
+    "IcebergCatalogResource": "memsafe_dagster.iceberg_catalog",
     "memory_gate": "memsafe_dagster.sensors",
     "build_inbox_sensor": "memsafe_dagster.sensors",
     "build_memsafe_failure_sensor": "memsafe_dagster.sensors",

@@ -41,6 +41,8 @@ Status = Literal["running", "stopped"]
 #: Attributes handed to ``build_merge_asset`` under their own name.
 MERGE_ASSET_ARGUMENTS = (
     "target_path",
+    "target_table",
+    "catalog_resource_key",
     "key_columns",
     "strategy",
     "partitions_def",
@@ -235,9 +237,14 @@ class MergeComponent(dg.Component, dg.Resolvable, dg.Model):
 
     asset_key: dg.ResolvedAssetKey = Field(description="Key of the merge asset, e.g. wh/orders.")
     source: AssetSource | InboxSource = Field(description="{asset: <key>} or {inbox: <url>}.")
-    target_path: str = Field(
-        description="Dataset directory (path or fsspec URL); may contain {partition_key}."
+    target_path: str | None = Field(
+        default=None,
+        description="Dataset directory (path or fsspec URL); may contain {partition_key}.",
     )
+    target_table: str | None = Field(
+        default=None, description="An Iceberg table 'namespace.table' instead of target_path."
+    )
+    catalog_resource_key: str = "iceberg_catalog"
     key_columns: str | list[str] = Field(description="Key column(s) the merge matches rows by.")
     strategy: Strategy = "upsert"
     partitions_def: ResolvedPartitions = None
