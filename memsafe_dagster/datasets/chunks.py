@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 
 from memsafe_dagster.checks import non_negative_seconds, positive_int, positive_number
 from memsafe_dagster.datasets.adaptive import attach_monitor
+from memsafe_dagster.datasets.reader import chunk_budget_bytes, monitor_budget_bytes, rows_for_bytes
 from memsafe_dagster.datasets.source import tabular_source
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.memory import MemoryMonitor
@@ -108,11 +109,16 @@ def process_in_chunks(
         chunk_rows=chunk_size_rows,
         what="dataset",
     )
-    stream = source.stream(chunk_size_rows, columns=columns, filter=filter)
+    monitor = memory_monitor if memory_monitor is not None else default_monitor(max_memory_mb)
+    # Bytes bound the chunk: wide rows come in fewer rows than asked (chunk_size_rows is the
+    # maximum), both as the files are read and as the stream cuts its chunks.
+    source.chunk_bytes = chunk_budget_bytes(monitor_budget_bytes(monitor))
+    width = source.row_bytes(columns)
+    chunk_rows = rows_for_bytes(source.chunk_bytes, width, chunk_size_rows, min_rows=1_000)
+    stream = source.stream(chunk_rows if width else chunk_size_rows, columns=columns, filter=filter)
     if want_total:
         # Counting reads every footer once more (a GET per file on object stores).
         stream.total_rows = source.count_rows(filter, batch_rows=chunk_size_rows)
-    monitor = memory_monitor if memory_monitor is not None else default_monitor(max_memory_mb)
     attach_monitor(stream, monitor, adaptive=adaptive, min_check_interval_s=check_interval_s)
     if want_total:
         _attach_progress(stream, show_bar, progress_callback)
