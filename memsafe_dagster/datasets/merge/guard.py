@@ -179,6 +179,13 @@ class MergeGuard(WindowPeaks):
             with self._slots:
                 self._slots.notify_all()
 
+    def bound_chunk_rows(self, rows: int) -> None:
+        """Lower the requested chunk size to ``rows`` (wide rows: bytes bound the chunk)."""
+        rows = max(1, min(rows, self.requested_rows))
+        self.requested_rows = rows
+        self._chunk_rows = min(self._chunk_rows, rows)
+        self.min_chunk_rows = min(self.min_chunk_rows, rows)
+
     @property
     def chunk_rows(self) -> int:
         """Rows per chunk now (smaller under pressure, back to the request when calm)."""
