@@ -45,20 +45,78 @@ def wide_table(ids, tag: str = "t"):
 
 
 def gen_wide(directory: str, files: int, rows_per_file: int) -> None:
-    """``files`` files, each a single row group (what pandas and pyarrow write by default)."""
+    """``files`` files written with ``pq.write_table``'s defaults (what ``pandas.to_parquet``
+    calls): snappy, dictionaries, and a single row group up to 1Mi rows."""
     import numpy as np
     import pyarrow.parquet as pq
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for f in range(files):
-        first = wide_table(np.zeros(0, np.int64)).schema
-        with pq.ParquetWriter(out / f"part-{f:03d}.parquet", first) as writer:
-            # One row group of rows_per_file rows, written without holding it whole.
-            ids = np.arange(f * rows_per_file, (f + 1) * rows_per_file, dtype=np.int64)
-            table = wide_table(ids)
-            writer.write_table(table, row_group_size=rows_per_file)
-            del table
+        ids = np.arange(f * rows_per_file, (f + 1) * rows_per_file, dtype=np.int64)
+        pq.write_table(wide_table(ids), out / f"part-{f:03d}.parquet")
+
+
+def gen_narrow(directory: str, rows: int) -> None:
+    """The seed loop's data: 500k-row files of 128k-row row groups, a ``status`` column."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows = 250_000
+    status = pa.array(["active", "inactive", "pending", "closed"]).take(
+        pa.array(np.arange(write_rows) % 4)
+    )
+    x = np.linspace(0, 1, write_rows)
+    schema = pa.schema([("id", pa.int64()), ("x", pa.float64()), ("status", pa.string())])
+    for f in range(rows // 500_000):
+        with pq.ParquetWriter(out / f"part-{f:03d}.parquet", schema) as writer:
+            for start in range(0, 500_000, write_rows):
+                base = f * 500_000 + start
+                ids = np.arange(base, base + write_rows, dtype=np.int64)
+                table = pa.table({"id": ids, "x": x, "status": status}, schema=schema)
+                writer.write_table(table, row_group_size=131_072)
+
+
+def seed_loop(path: str, mode: str, cpu_cgroup: str) -> None:
+    """The seed's loop: ``process_in_chunks(ds.dataset(path), chunk_size_rows=50_000)`` with a
+    ``chunk.filter(...)`` per chunk (``mode="scanner"``: the same work over a dataset scanner
+    with PyArrow's readahead bounded to 2 batches x 2 files, the control). The process enters
+    ``cpu_cgroup`` first (a CPU quota) unless it is "-"."""
+    import os
+    import time
+
+    if cpu_cgroup != "-":
+        with open(os.path.join(cpu_cgroup, "cgroup.procs"), "w") as fh:
+            fh.write(str(os.getpid()))
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from memsafe_dagster.datasets import process_in_chunks
+
+    started = time.perf_counter()
+    dataset = ds.dataset(path)
+    if mode == "scanner":
+        chunks = (
+            pa.Table.from_batches([b])
+            for b in dataset.to_batches(batch_size=50_000, batch_readahead=2, fragment_readahead=2)
+        )
+    else:
+        chunks = process_in_chunks(dataset, chunk_size_rows=50_000)
+    rows = kept = largest = 0
+    for chunk in chunks:
+        active = chunk.filter(pc.field("status") == "active")
+        rows += chunk.num_rows
+        kept += active.num_rows
+        largest = max(largest, chunk.num_rows)
+    with open("/proc/self/status") as status:
+        hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    out = {"rows": rows, "kept": kept, "largest": largest, "vm_hwm_mb": hwm_kb / 1024}
+    out["s"] = time.perf_counter() - started
+    print(json.dumps(out))
 
 
 def source_ids(rows: int, target_rows: int):
@@ -85,7 +143,11 @@ def gen_source(directory: str, rows: int, target_rows: int) -> None:
 def merge(source: str, target: str, kwargs: dict) -> None:
     from memsafe_dagster.datasets import PyarrowDatasetIO
 
-    result = PyarrowDatasetIO().merge(source, target, "upsert", ["id"], **kwargs)
+    try:
+        result = PyarrowDatasetIO().merge(source, target, "upsert", ["id"], **kwargs)
+    except Exception as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        raise SystemExit(3) from None
     print(json.dumps(result.to_dict(), default=str))
 
 
@@ -139,6 +201,10 @@ def main(argv: list[str]) -> int:
         gen_wide(args[0], int(args[1]), int(args[2]))
     elif command == "gen-source":
         gen_source(args[0], int(args[1]), int(args[2]))
+    elif command == "gen-narrow":
+        gen_narrow(args[0], int(args[1]))
+    elif command == "seed-loop":
+        seed_loop(args[0], args[1], args[2])
     elif command == "merge":
         merge(args[0], args[1], json.loads(args[2]) if len(args) > 2 else {})
     elif command == "stream":
