@@ -164,12 +164,19 @@ def filter_columns(schema: pa.Schema, filter: pc.Expression) -> list[str]:
 
 
 def is_plain_parquet_dataset(dataset: ds.Dataset) -> bool:
-    """A file system dataset of Parquet files (fragments that ``parquet_batches`` can read)."""
+    """A file system dataset of Parquet files whose fragments ``parquet_batches`` can read
+    (not one made by ``Dataset.filter``, which has its own filter and hides its fragments)."""
     import pyarrow.dataset as ds
 
-    return isinstance(dataset, ds.FileSystemDataset) and isinstance(
+    if not isinstance(dataset, ds.FileSystemDataset) or not isinstance(
         dataset.format, ds.ParquetFileFormat
-    )
+    ):
+        return False
+    try:
+        dataset.get_fragments()  # refused for a filtered or projected dataset
+    except ValueError:
+        return False
+    return True
 
 
 def parquet_batches(
