@@ -12,10 +12,12 @@ Paths are read one of two ways, chosen by the caller. As Parquet files (the defa
 footer is read up front (row count, schema, unreadable files refused) and each file is read
 by its row groups, without ``pyarrow.dataset`` (importing it loads pandas when that is
 installed: tens of MB a merge budget cannot spare). With ``scan_paths=True``, as a pyarrow
-dataset scan: any format, partitioning, filter pushdown. Every scan reads ahead at most
-``BATCH_READAHEAD`` batches in each of ``FRAGMENT_READAHEAD`` files (PyArrow's defaults make
-memory grow with the dataset), caches no per-file metadata, and does not pre-buffer whole row
-groups on local disk (see the ``chunks`` module for the measurements behind these bounds).
+dataset: any format, partitioning, filter pushdown. A dataset of Parquet files is pulled file
+by file (``reader.parquet_batches``: a scanner decodes ahead of a slow consumer); any other
+scan reads ahead at most ``BATCH_READAHEAD`` batches in each of ``FRAGMENT_READAHEAD`` files,
+caches no per-file metadata, and does not pre-buffer whole row groups on local disk. Parquet
+files are opened by ``reader.open_parquet`` (bounded read buffer), and ``chunk_bytes`` caps
+the rows read at once from a file of wide rows.
 """
 
 from __future__ import annotations
