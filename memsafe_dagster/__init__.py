@@ -8,8 +8,7 @@ exports as ``memsafe_dagster.MergeComponent`` and ``memsafe_dagster.MemoryResour
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from memsafe_dagster._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -50,14 +49,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'memsafe_dagster' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

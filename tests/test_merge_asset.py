@@ -5,6 +5,7 @@ the pool and the dataset lock.
 No ``from __future__ import annotations`` here: this module defines assets.
 """
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -447,6 +448,26 @@ def test_memory_headroom_warns_below_the_threshold(tmp_path: Path) -> None:
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert check.metadata["memsafe/min_headroom_mb"].value == pytest.approx(huge, abs=0.01)
     assert "lower merge_chunk_size_rows" in check.description
+
+
+def test_memory_headroom_reads_as_the_level_the_peak_must_stay_under(tmp_path: Path) -> None:
+    """Worded "peak X MB, WARNING level Y MB (70 % of the Z MB budget)", not as free memory."""
+    merged = build_merge_asset(
+        "calm", source=changes, target_path=str(tmp_path / "t"), key_columns="id"
+    )
+    budget = 20_000
+    result = dg.materialize(
+        [changes, merged], resources=resources(tmp_path, max_process_memory_mb=budget)
+    )
+    check = checks_of(result)[MEMORY_HEADROOM]
+    assert check.passed, check.description
+    match = re.match(
+        r"peak (\d+) MB, WARNING level (\d+) MB \(70 % of the (\d+) MB budget\); limit ",
+        check.description or "",
+    )
+    assert match, check.description
+    peak, level, said_budget = map(int, match.groups())
+    assert said_budget == budget and level == round(0.7 * budget) and 0 < peak < level
 
 
 # -- EMERGENCY and retries -------------------------------------------------------------------------

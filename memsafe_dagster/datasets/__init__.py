@@ -5,8 +5,7 @@ Names are imported lazily (``from memsafe_dagster.datasets import X`` works for 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from memsafe_dagster._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "ChunkStream": "memsafe_dagster.datasets.stream",
@@ -30,14 +29,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'memsafe_dagster.datasets' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

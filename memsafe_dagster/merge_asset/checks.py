@@ -108,10 +108,18 @@ def headroom_check(
     headroom = figures.headroom_mb
     calm = figures.pressure < MemoryPressureLevel.WARNING
     passed = headroom >= threshold and calm
+    # Said as the level the peak must stay under, not as free memory "needed".
+    level_mb = figures.limit_mb - threshold
+    if spec.min_headroom_mb is not None:
+        level = f"{level_mb:.0f} MB ({threshold:.0f} MB below the {figures.limit_mb:.0f} MB limit)"
+    else:
+        level = (
+            f"WARNING level {level_mb:.0f} MB "
+            f"({WARNING_RATIO * 100:.0f} % of the {budget_mb:.0f} MB budget)"
+        )
     description = (
-        f"peak RSS {figures.peak_rss_mb:.0f} MB, limit {figures.limit_mb:.0f} MB "
-        f"({figures.limit_source}): headroom {headroom:.0f} MB "
-        f"{'>=' if headroom >= threshold else '<'} {threshold:.0f} MB; "
+        f"peak {figures.peak_rss_mb:.0f} MB, {level}; "
+        f"limit {figures.limit_mb:.0f} MB ({figures.limit_source}); "
         f"worst pressure {figures.pressure.value}"
     )
     if not passed:

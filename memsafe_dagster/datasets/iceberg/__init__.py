@@ -14,8 +14,7 @@ imports pyiceberg until a function is called: names are imported lazily.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from memsafe_dagster._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "merge_iceberg": "memsafe_dagster.datasets.iceberg.api",
@@ -30,14 +29,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'memsafe_dagster.datasets.iceberg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

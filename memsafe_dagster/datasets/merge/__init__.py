@@ -9,8 +9,7 @@ parser) does not load the engine.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from memsafe_dagster._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "STRATEGIES": "memsafe_dagster.datasets.merge.strategy",
@@ -26,14 +25,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'memsafe_dagster.datasets.merge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
