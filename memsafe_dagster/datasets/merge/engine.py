@@ -41,7 +41,7 @@ from memsafe_dagster.datasets.merge.rewrite import SourceWrite, write_phase
 from memsafe_dagster.datasets.merge.source import open_source
 from memsafe_dagster.datasets.merge.spill import SpillDir
 from memsafe_dagster.datasets.merge.store import MergeTarget, ParquetTarget, TargetWrite
-from memsafe_dagster.datasets.merge.target import TargetDataset
+from memsafe_dagster.datasets.merge.target import TargetDataset, TargetFile
 from memsafe_dagster.datasets.merge.validate import SourceConformer
 from memsafe_dagster.datasets.reader import check_column_chunks, chunk_budget_bytes, row_bytes
 from memsafe_dagster.datasets.sink import OutputSink, SettingsProvider
@@ -353,18 +353,31 @@ def _writer_settings(
     )
 
 
+def _footer_read(f: TargetFile) -> bool:
+    """Whether ``f``'s footer is in memory (a table format's files read theirs on first use)."""
+    return f.__dict__.get("_footer", f) is not None
+
+
 def _row_bytes(dataset: TargetDataset) -> float | None:
-    """Uncompressed bytes per row of the target's widest file (from the footers)."""
-    widths = [w for f in dataset.files if (w := row_bytes(f.metadata)) is not None]
-    return max(widths) if widths else None
+    """Uncompressed bytes per row of the target's widest file among the footers read (else
+    of its first non-empty file, whose footer is read for it)."""
+    widths = [w for f in dataset.files if _footer_read(f) and (w := row_bytes(f.metadata))]
+    if widths:
+        return max(widths)
+    for f in dataset.files:
+        if f.rows and (width := row_bytes(f.metadata)):
+            return width
+    return None
 
 
 def _refuse_oversized_column_chunks(
     budget: MergeBudget, dataset: TargetDataset, source: TabularSource
 ) -> None:
     """A column chunk larger than the budget cannot be read or rewritten within it: refuse
-    from the footers, before anything is staged."""
+    from the footers, before anything is staged. Footers not read yet (a table format's) are
+    checked when their file is first read (``check_file``)."""
     for f in dataset.files:
-        check_column_chunks(f.path, f.metadata, budget.work_bytes)
+        if _footer_read(f):
+            check_column_chunks(f.path, f.metadata, budget.work_bytes)
     for path, md in zip(source.files, getattr(source, "footers", ()), strict=False):
         check_column_chunks(path, md, budget.work_bytes)

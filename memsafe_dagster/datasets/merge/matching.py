@@ -22,7 +22,7 @@ from memsafe_dagster.datasets.merge.index import KeyIndex
 from memsafe_dagster.datasets.merge.spill import IpcSpool, Reservoir
 from memsafe_dagster.datasets.merge.target import TargetFile
 from memsafe_dagster.datasets.merge.validate import conform_target_table
-from memsafe_dagster.datasets.reader import open_parquet
+from memsafe_dagster.datasets.reader import check_column_chunks, open_parquet
 
 
 def match(
@@ -189,6 +189,8 @@ def _scan_pass(run: MergeRun, index: KeyIndex, files: list[TargetFile], matched:
 
 def _scan_file(run: MergeRun, index: KeyIndex, f: TargetFile) -> None:
     key_schema = pa.schema([run.schema.field(k) for k in run.keys])
+    # A footer read only now (a table format's file) is checked before its rows are read.
+    check_column_chunks(f.path, f.metadata, run.budget.work_bytes)
     with run.guard.slot(), run.afs.open_input_file(f.path) as fh:
         pf = open_parquet(fh, metadata=f.metadata)
         for rg in range(f.num_row_groups):

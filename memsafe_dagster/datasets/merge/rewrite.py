@@ -20,7 +20,7 @@ from memsafe_dagster.datasets.merge.plan import WritePlan
 from memsafe_dagster.datasets.merge.target import TargetFile
 from memsafe_dagster.datasets.merge.validate import SourceConformer, conform_target_table
 from memsafe_dagster.datasets.parquet import aligned_batch_rows
-from memsafe_dagster.datasets.reader import iter_file_batches, open_parquet
+from memsafe_dagster.datasets.reader import check_column_chunks, iter_file_batches, open_parquet
 from memsafe_dagster.datasets.sink import OutputSink
 from memsafe_dagster.datasets.source import TabularSource
 
@@ -151,6 +151,8 @@ def write_phase(
 def rewrite_file(run: MergeRun, f: TargetFile, sink: OutputSink, *, own: bool) -> None:
     """Copy the rows of ``f`` that the strategy keeps into ``sink``, a chunk at a time."""
     rule = run.rule
+    # A footer read only now (a table format's file) is checked before its rows are read.
+    check_column_chunks(f.path, f.metadata, run.budget.work_bytes)
     with run.guard.slot(), run.afs.open_input_file(f.path) as fh:
         pf = open_parquet(fh, metadata=f.metadata)
         offset = 0
