@@ -38,6 +38,7 @@ ROW_GROUP_ROWS = 131_072
 SOURCE_ROWS_PER_FILE = 1_000_000
 SAMPLE_KEYS = 100
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / ".data"
+PAYLOAD_COLUMNS = 8
 
 SCHEMA = pa.schema(
     [
@@ -80,6 +81,10 @@ class DatasetSpec:
     source_rows: int
     seed: int = 42
     touched_fraction: float = 0.05
+    #: Bytes of string payload per row, in ``PAYLOAD_COLUMNS`` columns (0: the narrow schema).
+    payload_bytes: int = 0
+    #: Rows per target row group; 0 writes each file as one row group (pandas' default).
+    row_group_rows: int = ROW_GROUP_ROWS
 
     def __post_init__(self) -> None:
         if self.layout not in ("random", "clustered"):
@@ -93,9 +98,21 @@ class DatasetSpec:
     def name(self) -> str:
         """The cache directory name: every parameter that changes the bytes."""
         touched = f"-t{self.touched_fraction:g}" if self.layout == "clustered" else ""
+        wide = f"-p{self.payload_bytes}" if self.payload_bytes else ""
+        if self.row_group_rows != ROW_GROUP_ROWS:
+            wide += f"-rg{self.row_group_rows or 'file'}"
         return (
             f"{self.layout}-n{self.target_rows}-f{self.target_files}-m{self.source_rows}"
-            f"-s{self.seed}{touched}-v{GENERATOR_VERSION}"
+            f"-s{self.seed}{touched}{wide}-v{GENERATOR_VERSION}"
+        )
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The narrow schema, plus the payload columns of a wide spec."""
+        if not self.payload_bytes:
+            return SCHEMA
+        return pa.schema(
+            list(SCHEMA) + [(f"payload{c}", pa.string()) for c in range(PAYLOAD_COLUMNS)]
         )
 
     @property
@@ -236,6 +253,20 @@ def _apply(perm: tuple[int, int, int], j: np.ndarray) -> np.ndarray:
 # -- rows ---------------------------------------------------------------------------------------
 
 
+def _with_payload(table: pa.Table, payload_bytes: int, *, source: bool) -> pa.Table:
+    """``table`` plus ``PAYLOAD_COLUMNS`` string columns, ``payload_bytes`` per row in all: the
+    key's digits and a filler that differs between target and source."""
+    if not payload_bytes:
+        return table
+    width = max(24, payload_bytes // PAYLOAD_COLUMNS)
+    digits = pc.utf8_lpad(pc.cast(table.column("id"), pa.string()), 20, "0")
+    for c in range(PAYLOAD_COLUMNS):
+        filler = (("src" if source else "tgt") + str(c)) * width
+        column = pc.binary_join_element_wise(digits, pa.scalar(filler[: width - 21]), "-")
+        table = table.append_column(f"payload{c}", column)
+    return table
+
+
 def _rows(keys: np.ndarray, *, source: bool) -> pa.Table:
     """Rows for ``keys``; source rows differ from target rows in every non-key column."""
     h = keys.view(np.uint64)
@@ -265,7 +296,8 @@ def _target_chunks(keys: _KeySpace, f: int) -> Iterator[pa.Table]:
     start, end = keys.spec.file_bounds(f)
     for lo in range(start, end, ROW_GROUP_ROWS):
         index = np.arange(lo, min(lo + ROW_GROUP_ROWS, end), dtype=np.int64)
-        yield _rows(keys.target_keys(index), source=False)
+        rows = _rows(keys.target_keys(index), source=False)
+        yield _with_payload(rows, keys.spec.payload_bytes, source=False)
 
 
 def _source_chunks(keys: _KeySpace) -> Iterator[pa.Table]:
@@ -279,10 +311,13 @@ def _source_chunks(keys: _KeySpace) -> Iterator[pa.Table]:
         chunk_keys = np.concatenate(
             [keys.target_keys(keys.update_indices(upd)), keys.insert_keys(ins)]
         )
-        yield _rows(rng.permutation(chunk_keys), source=True)
+        rows = _rows(rng.permutation(chunk_keys), source=True)
+        yield _with_payload(rows, spec.payload_bytes, source=True)
 
 
-def _write_rolling(chunks: Iterator[pa.Table], directory: Path, rows_per_file: int) -> None:
+def _write_rolling(
+    chunks: Iterator[pa.Table], directory: Path, rows_per_file: int, schema: pa.Schema = SCHEMA
+) -> None:
     """Write chunks into ``part-NNNNN.parquet`` files of at most ``rows_per_file`` rows."""
     directory.mkdir(parents=True)
     writer: pq.ParquetWriter | None = None
@@ -293,7 +328,7 @@ def _write_rolling(chunks: Iterator[pa.Table], directory: Path, rows_per_file: i
                 if writer is None or rows_in_file == rows_per_file:
                     if writer is not None:
                         writer.close()
-                    writer = pq.ParquetWriter(directory / f"part-{files:05d}.parquet", SCHEMA)
+                    writer = pq.ParquetWriter(directory / f"part-{files:05d}.parquet", schema)
                     files, rows_in_file = files + 1, 0
                 take = min(chunk.num_rows, rows_per_file - rows_in_file)
                 writer.write_table(chunk.slice(0, take), row_group_size=ROW_GROUP_ROWS)
@@ -338,10 +373,15 @@ def generate(spec: DatasetSpec, root: Path) -> GeneratedData:
     keys = _KeySpace(spec)
     (root / "target").mkdir(parents=True)
     for f in range(spec.target_files):
-        with pq.ParquetWriter(root / "target" / f"part-{f:05d}.parquet", SCHEMA) as writer:
+        path = root / "target" / f"part-{f:05d}.parquet"
+        if spec.row_group_rows == 0:
+            # What pandas.to_parquet writes by default: the whole file as one row group.
+            pq.write_table(pa.concat_tables(_target_chunks(keys, f)), path)
+            continue
+        with pq.ParquetWriter(path, spec.schema) as writer:
             for chunk in _target_chunks(keys, f):
-                writer.write_table(chunk, row_group_size=ROW_GROUP_ROWS)
-    _write_rolling(_source_chunks(keys), root / "source", SOURCE_ROWS_PER_FILE)
+                writer.write_table(chunk, row_group_size=spec.row_group_rows)
+    _write_rolling(_source_chunks(keys), root / "source", SOURCE_ROWS_PER_FILE, spec.schema)
     manifest: dict[str, Any] = {
         "spec": asdict(spec),
         "generator_version": GENERATOR_VERSION,
@@ -349,7 +389,7 @@ def generate(spec: DatasetSpec, root: Path) -> GeneratedData:
         "updated": spec.updates,
         "inserted": spec.inserts,
         "touched_files": [f"part-{f:05d}.parquet" for f in spec.touched_files()],
-        "row_group_rows": ROW_GROUP_ROWS,
+        "row_group_rows": spec.row_group_rows,
         "target_bytes": _dir_bytes(root / "target"),
         "source_bytes": _dir_bytes(root / "source"),
         "generated_s": round(time.perf_counter() - started, 2),

@@ -37,6 +37,7 @@ from typing import Any
 
 from benchmarks.contenders._common import PHASE_MARKER, RESULT_MARKER, OutputFormat
 from benchmarks.datagen import DEFAULT_DATA_DIR, DatasetSpec, GeneratedData, ensure_dataset
+from benchmarks.scenarios_bytes import bytes_scenarios
 from memsafe_dagster.memory import psutil
 from memsafe_dagster.memory.cgroup_cap import CappedRun, MemoryCap, run_capped, run_measured
 
@@ -143,6 +144,11 @@ SUITES = {
         sampler_s=10,
     ),
 }
+
+# Issue 14's scenarios (files from other tools, wide rows, small and large merges).
+for _suite in SUITES.values():
+    _suite_scenarios = _suite.scenarios + bytes_scenarios(Scenario, _suite.name)
+    SUITES[_suite.name] = replace(_suite, scenarios=_suite_scenarios)
 
 MICRO = "micro"
 

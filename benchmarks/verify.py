@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from benchmarks.contenders._common import KEY, OutputFormat
-from benchmarks.datagen import SCHEMA, GeneratedData
+from benchmarks.datagen import SCHEMA, DatasetSpec, GeneratedData
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,11 @@ def open_output(path: Path, output_format: OutputFormat) -> ds.Dataset:
     return ds.dataset(path, format="parquet")
 
 
-def _rows_by_key(dataset: ds.Dataset, keys: list[int]) -> dict[int, dict[str, Any]]:
+def _rows_by_key(
+    dataset: ds.Dataset, keys: list[int], schema: pa.Schema = SCHEMA
+) -> dict[int, dict[str, Any]]:
     table = dataset.to_table(filter=pc.field(KEY).isin(keys))
-    table = table.select(SCHEMA.names).cast(SCHEMA)
+    table = table.select(schema.names).cast(schema)
     return {row[KEY]: row for row in table.to_pylist()}
 
 
@@ -89,10 +91,11 @@ def _verify(output: ds.Dataset, data: GeneratedData, merged: bool) -> Verificati
         m["sample_new_keys"],
         m["sample_untouched_keys"],
     )
-    got = _rows_by_key(output, updated + new + untouched)
-    target = _rows_by_key(ds.dataset(data.target, format="parquet"), updated + untouched)
+    schema = DatasetSpec(**m["spec"]).schema  # wide specs: the payload columns too
+    got = _rows_by_key(output, updated + new + untouched, schema)
+    target = _rows_by_key(ds.dataset(data.target, format="parquet"), updated + untouched, schema)
     if merged:
-        source = _rows_by_key(ds.dataset(data.source, format="parquet"), updated + new)
+        source = _rows_by_key(ds.dataset(data.source, format="parquet"), updated + new, schema)
         checks = [("updated", updated, source), ("new", new, source)]
     else:
         checks = [("copied", updated, target)]

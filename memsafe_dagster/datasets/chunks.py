@@ -1,22 +1,19 @@
 """process_in_chunks: stream a Parquet dataset (or a table, reader or stream) in bounded memory.
 
-Peak memory depends on the chunk, not on the dataset: the scanner reads ahead at most
-``BATCH_READAHEAD`` batches in each of ``FRAGMENT_READAHEAD`` files, i.e. about two chunks in
-flight (PyArrow's defaults, 16 batches in each of 4 files, make chunked reading grow with the
-dataset: measured +26-43 % peak RSS from 2M to 16M rows, against +3 % here), does not cache
-per-file metadata, and does not pre-buffer whole row groups on local disks. Two files of
-lookahead let the next file's footer and first row group load while this one decodes: with
-one, throughput on an idle machine drops to about 86 % of a default PyArrow scanner's; with
-two, it matches it. The returned ``ChunkStream`` re-chunks the scanner's batches to the
-current chunk size, which adaptive sizing lowers under pressure.
+Peak memory depends on the chunk, not on the dataset nor on how fast the consumer is. A
+Parquet dataset (a path, a list of paths, or a ``pyarrow.dataset.Dataset`` of Parquet files) is
+pulled file by file through ``datasets.reader``: nothing is decoded before the consumer asks
+for it, column chunks stream through a bounded read buffer, and per-file metadata is not
+cached. A dataset scanner (used only for other formats, partitioned files and filtered
+``Dataset`` objects, one file at a time where it can) decodes ahead into a queue that pauses
+only past a high-water mark far above a chunk, which a slow consumer (per-chunk work, a CPU
+quota) lets fill.
 
-Scanner batch size: the scanner's ``batch_size`` is fixed when the scan starts, at the requested
-chunk size. When pressure shrinks the chunk, chunks are zero-copy slices of a scanner batch, so
-the stream holds at most one batch of the original size beyond the chunk, while the consumer's
-work per chunk (copies, filters, joins), which dominates what a chunk costs, shrinks with it.
-Smaller scanner batches only cost throughput: on a 10M-row, 5-column dataset, alternating with
-a default PyArrow scanner in one process, half-size batches ran at 97 % of its rows/s and
-full-size batches at 103-105 %, both at about 245 MB peak RSS (the default scanner: 650-800 MB).
+Bytes bound the chunk: ``chunk_size_rows`` is a maximum, lowered for wide rows so a chunk takes
+at most ``reader.CHUNK_BUDGET_SHARE`` of the monitor's budget (row widths from the footers).
+The returned ``ChunkStream`` re-chunks the batches to the current chunk size, which adaptive
+sizing lowers under pressure; a file's batches are sized when the file is opened, so a smaller
+size applies to the stream's chunks at once and to the reads from the next file.
 """
 
 from __future__ import annotations
@@ -33,6 +30,7 @@ import pyarrow.fs as pafs
 
 from memsafe_dagster.checks import non_negative_seconds, positive_int, positive_number
 from memsafe_dagster.datasets.adaptive import attach_monitor
+from memsafe_dagster.datasets.reader import chunk_budget_bytes, monitor_budget_bytes, rows_for_bytes
 from memsafe_dagster.datasets.source import tabular_source
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.memory import MemoryMonitor
@@ -108,11 +106,16 @@ def process_in_chunks(
         chunk_rows=chunk_size_rows,
         what="dataset",
     )
-    stream = source.stream(chunk_size_rows, columns=columns, filter=filter)
+    monitor = memory_monitor if memory_monitor is not None else default_monitor(max_memory_mb)
+    # Bytes bound the chunk: wide rows come in fewer rows than asked (chunk_size_rows is the
+    # maximum), both as the files are read and as the stream cuts its chunks.
+    source.chunk_bytes = chunk_budget_bytes(monitor_budget_bytes(monitor))
+    width = source.row_bytes(columns)
+    chunk_rows = rows_for_bytes(source.chunk_bytes, width, chunk_size_rows, min_rows=1_000)
+    stream = source.stream(chunk_rows if width else chunk_size_rows, columns=columns, filter=filter)
     if want_total:
         # Counting reads every footer once more (a GET per file on object stores).
         stream.total_rows = source.count_rows(filter, batch_rows=chunk_size_rows)
-    monitor = memory_monitor if memory_monitor is not None else default_monitor(max_memory_mb)
     attach_monitor(stream, monitor, adaptive=adaptive, min_check_interval_s=check_interval_s)
     if want_total:
         _attach_progress(stream, show_bar, progress_callback)

@@ -12,10 +12,12 @@ Paths are read one of two ways, chosen by the caller. As Parquet files (the defa
 footer is read up front (row count, schema, unreadable files refused) and each file is read
 by its row groups, without ``pyarrow.dataset`` (importing it loads pandas when that is
 installed: tens of MB a merge budget cannot spare). With ``scan_paths=True``, as a pyarrow
-dataset scan: any format, partitioning, filter pushdown. Every scan reads ahead at most
-``BATCH_READAHEAD`` batches in each of ``FRAGMENT_READAHEAD`` files (PyArrow's defaults make
-memory grow with the dataset), caches no per-file metadata, and does not pre-buffer whole row
-groups on local disk (see the ``chunks`` module for the measurements behind these bounds).
+dataset: any format, partitioning, filter pushdown. A dataset of Parquet files is pulled file
+by file (``reader.parquet_batches``: a scanner decodes ahead of a slow consumer); any other
+scan reads ahead at most ``BATCH_READAHEAD`` batches in each of ``FRAGMENT_READAHEAD`` files,
+caches no per-file metadata, and does not pre-buffer whole row groups on local disk. Parquet
+files are opened by ``reader.open_parquet`` (bounded read buffer), and ``chunk_bytes`` caps
+the rows read at once from a file of wide rows.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ from memsafe_dagster.datasets.filesystem import (
     resolve_filesystem,
 )
 from memsafe_dagster.datasets.parquet import aligned_batch_rows
+from memsafe_dagster.datasets.reader import (
+    is_plain_parquet_dataset,
+    iter_file_batches,
+    open_parquet,
+    parquet_batches,
+    row_bytes,
+    rows_for_bytes,
+)
 from memsafe_dagster.datasets.stream import ChunkStream
 
 if TYPE_CHECKING:
@@ -215,6 +225,9 @@ class TabularSource(ABC):
         self._schema = schema
         self._reads = 0
         self._closed = False
+        #: Bytes one chunk may take (set by the caller from its memory budget): Parquet files
+        #: of wide rows are read in fewer rows than asked. None: rows only.
+        self.chunk_bytes: float | None = None
 
     @property
     def schema(self) -> pa.Schema:
@@ -226,6 +239,11 @@ class TabularSource(ABC):
     def known_schema(self) -> pa.Schema | None:
         """The schema when it is known without reading a row (an iterable's is not)."""
         return self.schema
+
+    def row_bytes(self, columns: Sequence[str] | None = None) -> float | None:
+        """Bytes per row of ``columns`` (all when None) when footers or memory tell without
+        reading data (Parquet: uncompressed column-chunk sizes over rows); else None."""
+        return None
 
     def count_rows(
         self, filter: pc.Expression | None = None, *, batch_rows: int | None = None
@@ -350,6 +368,14 @@ class _TableSource(TabularSource):
             size = rows()
             yield _project(table.slice(start, size), columns, filter)
             start += size
+
+    def row_bytes(self, columns: Sequence[str] | None = None) -> float | None:
+        table = self._table
+        if table is None or not table.num_rows:
+            return None
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        return table.nbytes / table.num_rows
 
     def _release(self) -> None:
         self._table = None
@@ -509,7 +535,42 @@ class _ScanSource(TabularSource):
         scanner = bounded_scanner(
             self.dataset, columns=columns, filter=filter, batch_rows=batch_rows
         )
+        if is_plain_parquet_dataset(self.dataset):
+            # Pulled file by file: a scanner decodes ahead of a slow consumer (see reader).
+            dataset = self.dataset
+
+            def one_file(fragment: ds.Fragment) -> Iterator[pa.Table]:
+                return _scan(
+                    bounded_scanner(
+                        dataset,
+                        columns=columns,
+                        filter=filter,
+                        batch_rows=batch_rows,
+                        fragment=fragment,
+                    )
+                )
+
+            items = parquet_batches(
+                dataset,
+                rows,
+                columns=columns,
+                filter=filter,
+                budget_bytes=self.chunk_bytes,
+                fallback=one_file,
+            )
+            return scanner.projected_schema, items
         return scanner.projected_schema, _scan(scanner)
+
+    def row_bytes(self, columns: Sequence[str] | None = None) -> float | None:
+        """The first Parquet file's (one footer read)."""
+        if self.dataset is None or not is_plain_parquet_dataset(self.dataset):
+            return None
+        for fragment in self.dataset.get_fragments():
+            with fragment.filesystem.open_input_file(fragment.path) as fh:
+                width = row_bytes(pq.ParquetFile(fh, pre_buffer=False).metadata, columns)
+            if width is not None:
+                return width
+        return None
 
     def _release(self) -> None:
         self.dataset = None  # an in-memory dataset holds its table
@@ -532,6 +593,14 @@ class _ParquetFilesSource(TabularSource):
             PATHS, description, schema, rereadable=True, total_rows=total_rows, files=files
         )
         self.filesystem = fs
+        self.footers: tuple[pq.FileMetaData, ...] = ()
+
+    def row_bytes(self, columns: Sequence[str] | None = None) -> float | None:
+        widths = [(md.num_rows, row_bytes(md, columns)) for md in self.footers]
+        rows = sum(n for n, w in widths if w is not None)
+        if not rows:
+            return None
+        return sum(n * w for n, w in widths if w is not None) / rows
 
     def _read(
         self, rows: RowsFn, columns: Columns, filter: Filter
@@ -547,16 +616,21 @@ class _ParquetFilesSource(TabularSource):
         afs = arrow_filesystem(self.filesystem)
         for path in self.files:
             with afs.open_input_file(path) as fh:
-                pf = pq.ParquetFile(fh, pre_buffer=False)
+                pf = open_parquet(fh)
                 cols = None
                 if columns is not None:
                     cols = [c for c in columns if c in pf.schema_arrow.names]
+                md = pf.metadata
                 if rows is None:
-                    for i in range(pf.num_row_groups):
-                        yield _project(pf.read_row_group(i, columns=cols), None, filter)
-                    continue
-                size = aligned_batch_rows(pf.metadata, rows())
-                for batch in pf.iter_batches(batch_size=size, columns=cols, use_threads=True):
+                    # As the data comes: a row group at a time, unless it is wider than a chunk.
+                    size = max(
+                        (md.row_group(i).num_rows for i in range(md.num_row_groups)), default=1
+                    )
+                else:
+                    size = aligned_batch_rows(md, rows())
+                if self.chunk_bytes is not None:
+                    size = rows_for_bytes(self.chunk_bytes, row_bytes(md, cols), size)
+                for batch in iter_file_batches(pf, size, columns=cols):
                     yield _project(batch, None, filter)
 
     def _release(self) -> None:
@@ -612,19 +686,23 @@ def _open_parquet_files(
     afs = arrow_filesystem(fs)
     total = 0
     schema = None
+    footers = []
     for f in files:
         try:
             with afs.open_input_file(f) as fh:
                 pf = pq.ParquetFile(fh, pre_buffer=False)
                 total += pf.metadata.num_rows
                 schema = schema or pf.schema_arrow
+                footers.append(pf.metadata)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"source file {f!r} is not a readable Parquet file: {exc}") from exc
     assert schema is not None
     description = f"source {os.fspath(paths[0])}"
     if len(paths) > 1:
         description += f" and {len(paths) - 1} more path(s)"
-    return _ParquetFilesSource(fs, tuple(files), schema, total, description)
+    source = _ParquetFilesSource(fs, tuple(files), schema, total, description)
+    source.footers = tuple(footers)
+    return source
 
 
 def bounded_scanner(
@@ -633,6 +711,7 @@ def bounded_scanner(
     columns: Sequence[str] | None = None,
     filter: pc.Expression | None = None,
     batch_rows: int | None = None,
+    fragment: ds.Fragment | None = None,
 ) -> ds.Scanner:
     """A scanner over ``dataset`` within the readahead bounds of the module docstring.
 
@@ -641,6 +720,17 @@ def bounded_scanner(
     """
     options: dict[str, Any] = {} if batch_rows is None else {"batch_size": batch_rows}
     try:
+        if fragment is not None:
+            return fragment.scanner(
+                schema=dataset.schema,
+                columns=None if columns is None else list(columns),
+                filter=filter,
+                batch_readahead=BATCH_READAHEAD,
+                fragment_scan_options=fragment_scan_options(dataset),
+                use_threads=True,
+                cache_metadata=False,
+                **options,
+            )
         return dataset.scanner(
             columns=None if columns is None else list(columns),
             filter=filter,

@@ -7,6 +7,9 @@ of budgets: the guard classifies pressure against it, and every allowance below 
   minus the memory it must keep free);
 - **index**: the source key index may take 40 % of the smaller of the PyArrow and process
   budgets (``index_memory_mb`` overrides); past that it spills to disk and is matched in passes;
+- **chunks**: a chunk of each file in flight stays within its share of ``CHUNK_BUDGET_SHARE`` of
+  the smaller budget, from the rows' width in the footers (``merge_chunk_size_rows`` is a
+  maximum); no column chunk may exceed that smaller budget (refused before anything is staged);
 - **row groups**: one row group being written is buffered per output file, so a row group
   stays under 5 % of the PyArrow budget per file in flight;
 - **workers**: each file in flight holds about eight row groups' worth of buffers (decoded
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 from memsafe_dagster.datasets.merge.options import DEFAULT_ROW_GROUP_SIZE, MergeOptions
 from memsafe_dagster.datasets.merge.request import MergeRequest
+from memsafe_dagster.datasets.reader import chunk_budget_bytes, rows_for_bytes
 from memsafe_dagster.memory import MemoryMonitor, detect_memory_limits
 from memsafe_dagster.memory.sizes import MiB
 
@@ -34,6 +38,7 @@ INDEX_BYTES_PER_KEY = 40
 INDEX_SHARE = 0.4
 ROW_GROUP_SHARE = 0.05
 MIN_ROW_GROUP_ROWS = 1_024
+MIN_CHUNK_ROWS = 1_024
 WORKER_ROW_GROUPS = 8
 WORKER_OVERHEAD_BYTES = 24 * MiB
 WORKERS_SHARE = 0.75
@@ -102,6 +107,24 @@ class MergeBudget:
             index_bytes=index,
             explicit_process_budget=explicit,
         )
+
+    @property
+    def work_bytes(self) -> int:
+        """What the merge's data may take at once: the smaller of its two budgets. No column
+        chunk may be larger (see ``reader.check_column_chunks``)."""
+        return (
+            min(self.pyarrow_bytes, self.process_bytes)
+            if self.process_bytes
+            else self.pyarrow_bytes
+        )
+
+    def chunk_rows(self, row_bytes: float | None, max_rows: int, workers: int) -> int:
+        """Rows per chunk: ``max_rows`` at most, fewer when rows are wide, so that a chunk of
+        each file in flight fits its share of the budget (``reader.chunk_budget_bytes``)."""
+        if not row_bytes:
+            return max_rows
+        allowance = chunk_budget_bytes(self.work_bytes) / max(1, workers)
+        return rows_for_bytes(allowance, row_bytes, max_rows, min_rows=MIN_CHUNK_ROWS)
 
     @property
     def process_mb(self) -> float:

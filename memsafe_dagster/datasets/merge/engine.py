@@ -41,8 +41,9 @@ from memsafe_dagster.datasets.merge.rewrite import SourceWrite, write_phase
 from memsafe_dagster.datasets.merge.source import open_source
 from memsafe_dagster.datasets.merge.spill import SpillDir
 from memsafe_dagster.datasets.merge.store import MergeTarget, ParquetTarget, TargetWrite
-from memsafe_dagster.datasets.merge.target import TargetDataset
+from memsafe_dagster.datasets.merge.target import TargetDataset, TargetFile
 from memsafe_dagster.datasets.merge.validate import SourceConformer
+from memsafe_dagster.datasets.reader import check_column_chunks, chunk_budget_bytes, row_bytes
 from memsafe_dagster.datasets.sink import OutputSink, SettingsProvider
 from memsafe_dagster.datasets.source import TabularSource
 from memsafe_dagster.memory.process import current_rss_bytes
@@ -132,13 +133,19 @@ def _run_locked(
         fill_missing=request.options.missing_columns == "null",
     )
     result.target_count_before = dataset.rows
+    _refuse_oversized_column_chunks(budget, dataset, source)
     row_bytes = _row_bytes(dataset)
+    width = max(row_bytes or 0.0, source.row_bytes() or 0.0) or None
     # Row groups are sized for the files wanted at once; the files that fit follow from them.
     row_group_rows = request.options.row_group_size or budget.row_group_rows(row_bytes, workers)
     workers = _affordable_workers(
         request, budget, target.name, source, workers, row_group_rows, row_bytes
     )
     guard.workers = workers
+    # Bytes bound the chunk (merge_chunk_size_rows is the maximum): as the source's files are
+    # read, as any other source is cut, and as target files are rewritten.
+    guard.bound_chunk_rows(budget.chunk_rows(width, request.chunk_rows, workers))
+    source.chunk_bytes = chunk_budget_bytes(budget.work_bytes) / max(1, workers)
     run = MergeRun(
         request=request,
         budget=budget,
@@ -346,11 +353,31 @@ def _writer_settings(
     )
 
 
+def _footer_read(f: TargetFile) -> bool:
+    """Whether ``f``'s footer is in memory (a table format's files read theirs on first use)."""
+    return f.__dict__.get("_footer", f) is not None
+
+
 def _row_bytes(dataset: TargetDataset) -> float | None:
-    """Uncompressed bytes per row of the target's first non-empty file (from its footer)."""
+    """Uncompressed bytes per row of the target's widest file among the footers read (else
+    of its first non-empty file, whose footer is read for it)."""
+    widths = [w for f in dataset.files if _footer_read(f) and (w := row_bytes(f.metadata))]
+    if widths:
+        return max(widths)
     for f in dataset.files:
-        md = f.metadata
-        if md.num_rows and md.num_row_groups:
-            total = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
-            return total / md.num_rows
+        if f.rows and (width := row_bytes(f.metadata)):
+            return width
     return None
+
+
+def _refuse_oversized_column_chunks(
+    budget: MergeBudget, dataset: TargetDataset, source: TabularSource
+) -> None:
+    """A column chunk larger than the budget cannot be read or rewritten within it: refuse
+    from the footers, before anything is staged. Footers not read yet (a table format's) are
+    checked when their file is first read (``check_file``)."""
+    for f in dataset.files:
+        if _footer_read(f):
+            check_column_chunks(f.path, f.metadata, budget.work_bytes)
+    for path, md in zip(source.files, getattr(source, "footers", ()), strict=False):
+        check_column_chunks(path, md, budget.work_bytes)

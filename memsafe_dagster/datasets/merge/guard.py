@@ -2,13 +2,14 @@
 
 ``check(phase)`` reads the pressure level (a few tens of microseconds). WARNING changes nothing
 but the release of PyArrow's cached memory (above half the budget, see ``_release_if_grown``):
-a merge at steady state often sits just past 70 % of its budget, and serializing there cost 20-40
-% of the time for no memory back (10M/1M upsert, 384 MB budget: 2.4 s against 1.9 s, both at
-about 275 MB). CRITICAL processes one file at a time (the files in flight hold most of the
-merge's memory), halves the chunks, collects garbage and returns cached memory to the OS;
-EMERGENCY does both, rechecks, and raises ``MemoryPressureError`` naming the phase. Chunks do
-not shrink at WARNING: in a merge the row group being written, not the chunk, dominates, and
-small chunks only cost time.
+a merge at steady state often sits just past 70 % of its budget, and serializing or shrinking
+there costs time for no memory back (in a merge the row group being written, not the chunk,
+dominates). CRITICAL starts no new file while one is in flight, halves the chunks, collects
+garbage and returns cached memory to the OS. Files in flight hold slots, oldest first; at
+CRITICAL or worse every slot but the oldest waits (without failing) until pressure eases or it
+becomes the oldest, so a merge that cannot hold several files at once finishes one file at a
+time. EMERGENCY releases memory, rechecks, and raises ``MemoryPressureError`` naming the phase
+only in the oldest slot or outside the workers: where one file alone cannot fit.
 
 The guard keeps no figures of its own: it opens a ``PeakWindow`` on the monitor it is given and
 asks the monitor's one sampler to sample at least every ``sample_interval_s``, so the merge's
@@ -29,6 +30,7 @@ from memsafe_dagster.memory import (
     MemoryMonitor,
     MemoryPressureError,
     MemoryPressureLevel,
+    MemoryReading,
     PeakWindow,
     SamplingRequest,
 )
@@ -85,6 +87,8 @@ class MergeGuard(WindowPeaks):
         self.min_chunk_rows = min(chunk_rows, MIN_CHUNK_ROWS)
         self._released_at_rss = 0
         self.start_rss = 0
+        self._holders: list[int] = []  # threads in slots, oldest first
+        self.pauses = 0
 
     # -- the window -------------------------------------------------------------------------
 
@@ -118,9 +122,12 @@ class MergeGuard(WindowPeaks):
     # -- checks -----------------------------------------------------------------------------
 
     def check(self, phase: str) -> MemoryPressureLevel:
-        """Read the pressure level and act on it; raises at EMERGENCY."""
+        """Read the pressure level and act on it; raises at EMERGENCY (see the module
+        docstring: a thread that is not the oldest in a slot waits instead)."""
         self.phase = phase
         reading, level = self.monitor.sample()
+        if level >= CRITICAL and self._is_follower():
+            reading, level = self._pause_while_pressed(level)
         if self._release_above is not None and reading.rss_bytes > self._release_above:
             self._release_if_grown(reading.rss_bytes)
         if level is EMERGENCY or (level is CRITICAL and time.monotonic() - self._collected > 0.5):
@@ -179,6 +186,13 @@ class MergeGuard(WindowPeaks):
             with self._slots:
                 self._slots.notify_all()
 
+    def bound_chunk_rows(self, rows: int) -> None:
+        """Lower the requested chunk size to ``rows`` (wide rows: bytes bound the chunk)."""
+        rows = max(1, min(rows, self.requested_rows))
+        self.requested_rows = rows
+        self._chunk_rows = min(self._chunk_rows, rows)
+        self.min_chunk_rows = min(self.min_chunk_rows, rows)
+
     @property
     def chunk_rows(self) -> int:
         """Rows per chunk now (smaller under pressure, back to the request when calm)."""
@@ -191,16 +205,40 @@ class MergeGuard(WindowPeaks):
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         """Hold one of the concurrent-work slots (one only, under pressure)."""
+        me = threading.get_ident()
         with self._slots:
             while self._active >= self.allowed_workers:
                 self._slots.wait(timeout=0.05)
             self._active += 1
+            self._holders.append(me)
         try:
             yield
         finally:
             with self._slots:
                 self._active -= 1
+                with contextlib.suppress(ValueError):
+                    self._holders.remove(me)
                 self._slots.notify_all()
+
+    def _is_follower(self) -> bool:
+        """True in a slot that is not the oldest one held: it can wait for the leader."""
+        me = threading.get_ident()
+        with self._slots:
+            return me in self._holders and self._holders[0] != me
+
+    def _pause_while_pressed(
+        self, level: MemoryPressureLevel
+    ) -> tuple[MemoryReading, MemoryPressureLevel]:
+        """Serialize: a follower waits while pressure stays CRITICAL or worse and it is not
+        the oldest slot, so the work in flight shrinks to one file instead of failing."""
+        self.pauses += 1
+        _release_memory()
+        while True:
+            with self._slots:
+                self._slots.wait(timeout=0.05)
+            reading, level = self.monitor.sample()
+            if level < CRITICAL or not self._is_follower():
+                return reading, level
 
     # -- progress ---------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from memsafe_dagster.datasets.arrays import fixed_values, indices
 from memsafe_dagster.datasets.merge.bits import BitSet
@@ -23,6 +22,7 @@ from memsafe_dagster.datasets.merge.index import KeyIndex
 from memsafe_dagster.datasets.merge.spill import IpcSpool, Reservoir
 from memsafe_dagster.datasets.merge.target import TargetFile
 from memsafe_dagster.datasets.merge.validate import conform_target_table
+from memsafe_dagster.datasets.reader import check_column_chunks, open_parquet
 
 
 def match(
@@ -189,8 +189,10 @@ def _scan_pass(run: MergeRun, index: KeyIndex, files: list[TargetFile], matched:
 
 def _scan_file(run: MergeRun, index: KeyIndex, f: TargetFile) -> None:
     key_schema = pa.schema([run.schema.field(k) for k in run.keys])
+    # A footer read only now (a table format's file) is checked before its rows are read.
+    check_column_chunks(f.path, f.metadata, run.budget.work_bytes)
     with run.guard.slot(), run.afs.open_input_file(f.path) as fh:
-        pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
+        pf = open_parquet(fh, metadata=f.metadata)
         for rg in range(f.num_row_groups):
             rows = int(f.rg_starts[rg + 1] - f.rg_starts[rg])
             if run.abort.is_set():

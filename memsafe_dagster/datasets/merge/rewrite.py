@@ -11,7 +11,6 @@ from concurrent.futures import Future
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from memsafe_dagster.datasets.arrays import take_rows
 from memsafe_dagster.datasets.commit import crash_point
@@ -21,6 +20,7 @@ from memsafe_dagster.datasets.merge.plan import WritePlan
 from memsafe_dagster.datasets.merge.target import TargetFile
 from memsafe_dagster.datasets.merge.validate import SourceConformer, conform_target_table
 from memsafe_dagster.datasets.parquet import aligned_batch_rows
+from memsafe_dagster.datasets.reader import check_column_chunks, iter_file_batches, open_parquet
 from memsafe_dagster.datasets.sink import OutputSink
 from memsafe_dagster.datasets.source import TabularSource
 
@@ -151,11 +151,14 @@ def write_phase(
 def rewrite_file(run: MergeRun, f: TargetFile, sink: OutputSink, *, own: bool) -> None:
     """Copy the rows of ``f`` that the strategy keeps into ``sink``, a chunk at a time."""
     rule = run.rule
+    # A footer read only now (a table format's file) is checked before its rows are read.
+    check_column_chunks(f.path, f.metadata, run.budget.work_bytes)
     with run.guard.slot(), run.afs.open_input_file(f.path) as fh:
-        pf = pq.ParquetFile(fh, metadata=f.metadata, pre_buffer=False)
+        pf = open_parquet(fh, metadata=f.metadata)
         offset = 0
-        batches = pf.iter_batches(
-            batch_size=aligned_batch_rows(f.metadata, run.guard.chunk_rows),
+        batches = iter_file_batches(
+            pf,
+            aligned_batch_rows(f.metadata, run.guard.chunk_rows),
             use_threads=run.workers == 1,
         )
         for batch in batches:
