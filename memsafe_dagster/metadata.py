@@ -53,6 +53,12 @@ STAGE = "memsafe/stage"
 DETAIL = "memsafe/detail"
 CURRENT_RSS_MB = "memsafe/rss_mb"
 BUDGETS = "memsafe/budgets"
+#: The step's own increment: its peak RSS minus the process's RSS when the step started.
+STEP_RSS_MB = "memsafe/step_rss_mb"
+#: Admission (MemoryMonitorResource(admission=True)): seconds waited, MB reserved, from where.
+ADMISSION_WAIT_S = "memsafe/admission_wait_s"
+ADMISSION_RESERVED_MB = "memsafe/admission_reserved_mb"
+ADMISSION_SOURCE = "memsafe/admission_source"
 
 #: The keys every memory figure set carries (DESIGN.md's table, memory rows).
 MEMORY_KEYS = (PRESSURE, PEAK_RSS_MB, PEAK_PYARROW_MB, LIMIT_MB, LIMIT_SOURCE, HEADROOM_MB)
@@ -69,6 +75,7 @@ class MemoryFigures(PeaksInMB):
     peak_pyarrow_bytes: int
     limit_bytes: int
     limit_source: str
+    baseline_rss_bytes: int | None = None
 
     @classmethod
     def from_window(
@@ -98,6 +105,13 @@ class MemoryFigures(PeaksInMB):
         return self.limit_bytes / MiB
 
     @property
+    def step_rss_mb(self) -> float | None:
+        """The peak RSS above the process's RSS at the step's start (None: baseline unknown)."""
+        if self.baseline_rss_bytes is None:
+            return None
+        return max(0, self.peak_rss_bytes - self.baseline_rss_bytes) / MiB
+
+    @property
     def headroom_mb(self) -> float:
         """The effective limit minus the peak RSS (negative when the peak went over)."""
         return (self.limit_bytes - self.peak_rss_bytes) / MiB
@@ -112,6 +126,11 @@ def memory_metadata(
     out: dict[str, dg.MetadataValue] = {
         PRESSURE: dg.MetadataValue.text(figures.pressure.value),
         PEAK_RSS_MB: dg.MetadataValue.float(round(figures.peak_rss_mb, 2)),
+        **(
+            {STEP_RSS_MB: dg.MetadataValue.float(round(figures.step_rss_mb, 2))}
+            if figures.step_rss_mb is not None
+            else {}
+        ),
         PEAK_PYARROW_MB: dg.MetadataValue.float(round(figures.peak_pyarrow_mb, 2)),
         LIMIT_MB: dg.MetadataValue.float(round(figures.limit_mb, 2)),
         LIMIT_SOURCE: dg.MetadataValue.text(figures.limit_source),
