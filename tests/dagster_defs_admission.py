@@ -59,35 +59,32 @@ def admission_job() -> dg.JobDefinition:
 
 def main() -> None:
     """Run the job with three concurrent step processes; print what happened as JSON."""
-    with tempfile.TemporaryDirectory() as home:
-        with dg.DagsterInstance.local_temp(home) as instance:
-            result = dg.execute_job(
-                dg.reconstructable(admission_job),
-                instance=instance,
-                run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 3}}}},
+    with tempfile.TemporaryDirectory() as home, dg.DagsterInstance.local_temp(home) as instance:
+        result = dg.execute_job(
+            dg.reconstructable(admission_job),
+            instance=instance,
+            run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 3}}}},
+        )
+        failures = [e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        meta = {}
+        for asset in ASSETS:
+            event = instance.get_latest_materialization_event(asset.key)
+            if event is not None:
+                m = event.asset_materialization.metadata
+                meta[asset.key.to_user_string()] = {
+                    k: m[k].value for k in m if k.startswith("memsafe/")
+                }
+        waits = [
+            e.message
+            for e in instance.all_logs(result.run_id)
+            if e.message and "memsafe: admission" in e.message
+        ]
+        print(
+            json.dumps(
+                {"success": result.success, "failed": failures, "meta": meta, "waits": waits}
             )
-            failures = [
-                e.step_key for e in result.all_events if e.event_type_value == "STEP_FAILURE"
-            ]
-            meta = {}
-            for asset in ASSETS:
-                event = instance.get_latest_materialization_event(asset.key)
-                if event is not None:
-                    m = event.asset_materialization.metadata
-                    meta[asset.key.to_user_string()] = {
-                        k: m[k].value for k in m if k.startswith("memsafe/")
-                    }
-            waits = [
-                e.message
-                for e in instance.all_logs(result.run_id)
-                if e.message and "memsafe: admission" in e.message
-            ]
-            print(
-                json.dumps(
-                    {"success": result.success, "failed": failures, "meta": meta, "waits": waits}
-                )
-            )
-            sys.stdout.flush()
+        )
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
