@@ -235,6 +235,7 @@ def check_pressure(
     *,
     extra: Mapping[str, Any] | None = None,
     window: PeakWindow | None = None,
+    baseline_rss_bytes: int | None = None,
 ) -> MemoryPressureLevel:
     """``MemoryMonitorResource.check`` for any monitor (the tracker and IO manager use it);
     peaks reported are those of ``window`` (default: the monitor's own)."""
@@ -245,6 +246,8 @@ def check_pressure(
     _log_level(context, monitor, level, stage, window)
     if level is EMERGENCY:
         figures = md.MemoryFigures.from_window(window) if window is not None else None
+        if figures is not None:
+            figures = dataclasses.replace(figures, baseline_rss_bytes=baseline_rss_bytes)
         raise md.pressure_failure(stage, monitor, figures=figures, reading=reading, extra=extra)
     return level
 
@@ -326,7 +329,12 @@ class MemoryTracker:
     def check(self, stage: str | None = None) -> MemoryPressureLevel:
         """Check now (logs WARNING and above; the memsafe Failure at EMERGENCY)."""
         return check_pressure(
-            self.monitor, self.context, stage or self.stage, extra=self.extra, window=self.window
+            self.monitor,
+            self.context,
+            stage or self.stage,
+            extra=self.extra,
+            window=self.window,
+            baseline_rss_bytes=self.baseline_rss_bytes,
         )
 
     def add_chunks(self, count: int = 1) -> None:
