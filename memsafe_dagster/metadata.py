@@ -54,6 +54,9 @@ STAGE = "memsafe/stage"
 DETAIL = "memsafe/detail"
 CURRENT_RSS_MB = "memsafe/rss_mb"
 BUDGETS = "memsafe/budgets"
+#: A finished step whose worst sample was EMERGENCY records ``memsafe/pressure: critical``
+#: (it ran on; nothing stopped it) and the sample here. Only a stopped step reads "emergency".
+PRESSURE_WORST_SAMPLE = "memsafe/pressure_worst_sample"
 #: The step's own increment: its peak RSS minus the process's RSS when the step started.
 STEP_RSS_MB = "memsafe/step_rss_mb"
 #: Admission (MemoryMonitorResource(admission=True)): seconds waited, MB reserved, from where.
@@ -84,6 +87,9 @@ class MemoryFigures(PeaksInMB):
     limit_bytes: int
     limit_source: str
     baseline_rss_bytes: int | None = None
+    #: True when the step stopped at EMERGENCY (the Failure); a finished step whose worst
+    #: sample was EMERGENCY did not act on it.
+    stopped: bool = False
 
     @classmethod
     def from_window(
@@ -131,8 +137,16 @@ def memory_metadata(
     """The memsafe/* memory entries (pressure, peaks, limit, source, headroom[, chunks]) of
     figures, a window, or a monitor's own window."""
     figures = _figures(figures)
+    acted = figures.pressure
+    if acted is MemoryPressureLevel.EMERGENCY and not figures.stopped:
+        acted = MemoryPressureLevel.CRITICAL
     out: dict[str, dg.MetadataValue] = {
-        PRESSURE: dg.MetadataValue.text(figures.pressure.value),
+        PRESSURE: dg.MetadataValue.text(acted.value),
+        **(
+            {PRESSURE_WORST_SAMPLE: dg.MetadataValue.text(figures.pressure.value)}
+            if acted is not figures.pressure
+            else {}
+        ),
         PEAK_RSS_MB: dg.MetadataValue.float(round(figures.peak_rss_mb, 2)),
         **(
             {STEP_RSS_MB: dg.MetadataValue.float(round(figures.step_rss_mb, 2))}
@@ -357,6 +371,7 @@ def pressure_failure(
         peak_pyarrow_bytes=max(base.peak_pyarrow_bytes, reading.pyarrow_bytes),
         limit_bytes=base.limit_bytes,
         limit_source=base.limit_source,
+        stopped=True,
     )
     found = breach_list(monitor, reading)
     binding = found[0] if found else None

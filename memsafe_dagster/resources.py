@@ -321,7 +321,14 @@ class MemoryTracker:
         window = self._window().close()
         if isinstance(exc, MemoryPressureError):
             raise self.failure(detail=str(exc)) from exc
-        if exc is None and window.max_pressure >= WARNING:
+        if exc is None and window.max_pressure is EMERGENCY:
+            # A momentary sample: no check acted on it and the step finished.
+            _log(self.context).warning(
+                f"memsafe: one memory sample during {self.stage} reached EMERGENCY, but it had "
+                "passed by the next check and the step finished; worst figures: "
+                + self.monitor.get_detailed_status(window)
+            )
+        elif exc is None and window.max_pressure >= WARNING:
             _log_level(self.context, self.monitor, window.max_pressure, self.stage, window)
 
     # -- during the block ---------------------------------------------------------------------
