@@ -87,3 +87,17 @@ def test_a_one_cpu_quota_runs_steps_one_at_a_time(tmp_path: Path) -> None:
     assert len(spans) == 3
     for (_s1, end1), (start2, _e2) in itertools.pairwise(spans):
         assert start2 >= end1, spans  # never two at once
+
+
+def test_the_readme_example_of_many_steps_and_pods_loads_and_runs() -> None:
+    text = (HERE.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Running many steps and pods", 1)[1].split("\n## ", 1)[0]
+    [code] = [b for b in section.split("```python\n")[1:]]
+    namespace: dict = {"__name__": "readme_many_steps"}
+    exec(code.split("```", 1)[0], namespace)
+    defs: dg.Definitions = namespace["defs"]
+    dg.Definitions.validate_loadable(defs)
+    assert defs.resolve_job_def("big_job").executor_def.name == "memsafe_container_executor"
+    result = dg.materialize([namespace["big_join"]], resources=defs.resources)
+    meta = result.asset_materializations_for_node("big_join")[0].metadata
+    assert meta["memsafe/admission_source"].value == "metadata"
