@@ -148,3 +148,40 @@ def test_a_momentary_emergency_sample_is_not_reported_as_an_emergency() -> None:
         if "reached EMERGENCY, but it had passed" in (e.message or "")
     ]
     assert len(warned) == 1
+
+
+@dg.asset
+def merge_source() -> pa.Table:
+    return pa.table({"id": list(range(20_000)), "v": list(range(20_000))})
+
+
+def test_a_merge_failure_its_inner_error_and_the_diagnosis_name_one_budget(tmp_path) -> None:
+    from memsafe_dagster import build_merge_asset
+
+    merged = build_merge_asset(
+        "merged",
+        source=merge_source,
+        target_path=str(tmp_path / "t"),
+        key_columns="id",
+        retry_policy=dg.RetryPolicy(max_retries=2),
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [merge_source, merged],
+        instance=instance,
+        resources={
+            "io_manager": ChunkedParquetIOManager(base_path=str(tmp_path / "io")),
+            "memory": MemoryMonitorResource(max_process_memory_mb=1),
+        },
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert _retries(instance, result.run_id) == 0
+    event, failure = _failure(result)
+    meta = {k: v.value for k, v in failure.metadata.items()}
+    assert "max_process_memory_mb 1" in failure.description
+    assert "1 MB budget" in meta[md.DETAIL]  # the merge guard's own error
+    assert meta[md.CHUNK_CONFIG] == "merge_chunk_size_rows"
+    diagnosis = diagnose_step_failure(event)
+    assert diagnosis.binding == "max_process_memory_mb" and diagnosis.binding_mb == 1
+    assert "max_process_memory_mb 1 MB bound" in diagnosis.text

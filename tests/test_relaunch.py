@@ -205,3 +205,33 @@ def test_a_merge_failure_with_data_pressure_halves_the_chunk() -> None:
 def test_relaunch_needs_jobs() -> None:
     with pytest.raises(ValueError, match="needs the jobs it may relaunch"):
         build_memsafe_failure_sensor(relaunch=True)
+
+
+def test_an_oom_killed_step_is_relaunched_with_a_raised_limit() -> None:
+    """A real SIGKILL of the step's own process under the multiprocess executor."""
+
+    tags = with_memory({}, request_mb=None, limit_mb=2048)
+    with dg.instance_for_test() as instance:
+        job = dg.build_reconstructable_job("tests.dagster_defs_killed", "killed_job")
+        result = dg.execute_job(job, instance=instance, tags=tags, raise_on_error=False)
+        assert not result.success
+        sensor = build_memsafe_failure_sensor(
+            relaunch=True, relaunch_jobs=[dg.define_asset_job("killed_job")]
+        )
+        with _failure_context(instance, result.run_id) as context:
+            request = sensor(context)
+        assert isinstance(request, dg.RunRequest), request
+        assert request.tags[RELAUNCH_CAUSE_TAG].startswith("OOM-killed: step killed_by_the_kernel")
+        assert (
+            get_user_defined_k8s_config(request.tags).container_config["resources"]["limits"][
+                "memory"
+            ]
+            == "3072Mi"
+        )
+        assert "resources" not in request.run_config  # no memsafe budget bound
+        # Without a limit on the run nothing says how much more to ask for: no relaunch.
+        bare = dg.execute_job(job, instance=instance, raise_on_error=False)
+        with _failure_context(instance, bare.run_id) as context:
+            skipped = sensor(context)
+        assert isinstance(skipped, dg.SkipReason)
+        assert "limit the step died under is unknown" in skipped.skip_message
