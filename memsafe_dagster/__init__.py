@@ -40,6 +40,9 @@ _EXPORTS: dict[str, str] = {
     "build_inbox_sensor": "memsafe_dagster.sensors",
     "build_memsafe_failure_sensor": "memsafe_dagster.sensors",
     "build_merge_job": "memsafe_dagster.schedules",
+    "container_executor": "memsafe_dagster.executor",
+    "k8s_tags_from_history": "memsafe_dagster.k8s",
+    "AdmissionLedger": "memsafe_dagster.memory.admission",
     "build_merge_schedule": "memsafe_dagster.schedules",
     # components (dg): the dagster_dg_cli.registry_modules entry point names this package
     "MergeComponent": "memsafe_dagster.components",

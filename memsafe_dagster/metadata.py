@@ -18,6 +18,7 @@ everything sampling the same monitor inside it saw (a merge's guard included). A
     )
 """
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,6 +54,22 @@ STAGE = "memsafe/stage"
 DETAIL = "memsafe/detail"
 CURRENT_RSS_MB = "memsafe/rss_mb"
 BUDGETS = "memsafe/budgets"
+#: A finished step whose worst sample was EMERGENCY records ``memsafe/pressure: critical``
+#: (it ran on; nothing stopped it) and the sample here. Only a stopped step reads "emergency".
+PRESSURE_WORST_SAMPLE = "memsafe/pressure_worst_sample"
+#: The step's own increment: its peak RSS minus the process's RSS when the step started.
+STEP_RSS_MB = "memsafe/step_rss_mb"
+#: Admission (MemoryMonitorResource(admission=True)): seconds waited, MB reserved, from where.
+ADMISSION_WAIT_S = "memsafe/admission_wait_s"
+ADMISSION_RESERVED_MB = "memsafe/admission_reserved_mb"
+ADMISSION_SOURCE = "memsafe/admission_source"
+#: On the EMERGENCY Failure: the budget that bound (its config name), its MB, and whether a
+#: smaller chunk could fit (the Failure allows retries only then).
+BINDING = "memsafe/binding"
+BINDING_MB = "memsafe/binding_mb"
+CHUNKS_HELP = "memsafe/chunks_help"
+#: The op config field a relaunch may halve (set by merge assets: merge_chunk_size_rows).
+CHUNK_CONFIG = "memsafe/chunk_config"
 
 #: The keys every memory figure set carries (DESIGN.md's table, memory rows).
 MEMORY_KEYS = (PRESSURE, PEAK_RSS_MB, PEAK_PYARROW_MB, LIMIT_MB, LIMIT_SOURCE, HEADROOM_MB)
@@ -69,6 +86,10 @@ class MemoryFigures(PeaksInMB):
     peak_pyarrow_bytes: int
     limit_bytes: int
     limit_source: str
+    baseline_rss_bytes: int | None = None
+    #: True when the step stopped at EMERGENCY (the Failure); a finished step whose worst
+    #: sample was EMERGENCY did not act on it.
+    stopped: bool = False
 
     @classmethod
     def from_window(
@@ -98,6 +119,13 @@ class MemoryFigures(PeaksInMB):
         return self.limit_bytes / MiB
 
     @property
+    def step_rss_mb(self) -> float | None:
+        """The peak RSS above the process's RSS at the step's start (None: baseline unknown)."""
+        if self.baseline_rss_bytes is None:
+            return None
+        return max(0, self.peak_rss_bytes - self.baseline_rss_bytes) / MiB
+
+    @property
     def headroom_mb(self) -> float:
         """The effective limit minus the peak RSS (negative when the peak went over)."""
         return (self.limit_bytes - self.peak_rss_bytes) / MiB
@@ -109,9 +137,22 @@ def memory_metadata(
     """The memsafe/* memory entries (pressure, peaks, limit, source, headroom[, chunks]) of
     figures, a window, or a monitor's own window."""
     figures = _figures(figures)
+    acted = figures.pressure
+    if acted is MemoryPressureLevel.EMERGENCY and not figures.stopped:
+        acted = MemoryPressureLevel.CRITICAL
     out: dict[str, dg.MetadataValue] = {
-        PRESSURE: dg.MetadataValue.text(figures.pressure.value),
+        PRESSURE: dg.MetadataValue.text(acted.value),
+        **(
+            {PRESSURE_WORST_SAMPLE: dg.MetadataValue.text(figures.pressure.value)}
+            if acted is not figures.pressure
+            else {}
+        ),
         PEAK_RSS_MB: dg.MetadataValue.float(round(figures.peak_rss_mb, 2)),
+        **(
+            {STEP_RSS_MB: dg.MetadataValue.float(round(figures.step_rss_mb, 2))}
+            if figures.step_rss_mb is not None
+            else {}
+        ),
         PEAK_PYARROW_MB: dg.MetadataValue.float(round(figures.peak_pyarrow_mb, 2)),
         LIMIT_MB: dg.MetadataValue.float(round(figures.limit_mb, 2)),
         LIMIT_SOURCE: dg.MetadataValue.text(figures.limit_source),
@@ -235,28 +276,76 @@ def _json_default(value: Any) -> Any:
 # -- the EMERGENCY failure -------------------------------------------------------------------
 
 
-def breaches(monitor: MemoryMonitor, reading: MemoryReading) -> list[str]:
-    """Which signals of ``reading`` are at EMERGENCY, each as readable text with its budget."""
+@dataclass(frozen=True)
+class Breach:
+    """One signal over its budget: which budget (its config name), its value and the figure."""
+
+    budget: str  # "max_pyarrow_mb", "max_process_memory_mb" or "min_system_available_mb"
+    budget_mb: float
+    value_mb: float
+    text: str
+
+
+def breach_list(monitor: MemoryMonitor, reading: MemoryReading) -> list[Breach]:
+    """The signals of ``reading`` at EMERGENCY, process RSS first (it is what the kernel and
+    the kubelet count), then PyArrow, then the container's available memory."""
     found = []
-    pyarrow_mb = reading.pyarrow_bytes / MiB
-    if monitor.max_pyarrow_mb and pyarrow_mb >= monitor.max_pyarrow_mb:
-        found.append(
-            f"PyArrow allocation {pyarrow_mb:.1f} MB >= max_pyarrow_mb {monitor.max_pyarrow_mb:g}"
-        )
     rss_mb = reading.rss_bytes / MiB
     if monitor.max_process_memory_mb and rss_mb >= monitor.max_process_memory_mb:
         found.append(
-            f"process RSS {rss_mb:.1f} MB >= max_process_memory_mb "
-            f"{monitor.max_process_memory_mb:g}"
+            Breach(
+                "max_process_memory_mb",
+                float(monitor.max_process_memory_mb),
+                rss_mb,
+                f"process RSS {rss_mb:.1f} MB >= max_process_memory_mb "
+                f"{monitor.max_process_memory_mb:g}",
+            )
+        )
+    pyarrow_mb = reading.pyarrow_bytes / MiB
+    if monitor.max_pyarrow_mb and pyarrow_mb >= monitor.max_pyarrow_mb:
+        found.append(
+            Breach(
+                "max_pyarrow_mb",
+                float(monitor.max_pyarrow_mb),
+                pyarrow_mb,
+                f"PyArrow allocation {pyarrow_mb:.1f} MB >= max_pyarrow_mb "
+                f"{monitor.max_pyarrow_mb:g}",
+            )
         )
     if reading.available_bytes is not None and monitor.min_system_available_mb:
         available_mb = reading.available_bytes / MiB
         if available_mb < monitor.min_system_available_mb:
             found.append(
-                f"available {available_mb:.1f} MB < min_system_available_mb "
-                f"{monitor.min_system_available_mb:g}"
+                Breach(
+                    "min_system_available_mb",
+                    float(monitor.min_system_available_mb),
+                    available_mb,
+                    f"available {available_mb:.1f} MB < min_system_available_mb "
+                    f"{monitor.min_system_available_mb:g}",
+                )
             )
     return found
+
+
+def breaches(monitor: MemoryMonitor, reading: MemoryReading) -> list[str]:
+    """Which signals of ``reading`` are at EMERGENCY, each as readable text with its budget."""
+    return [b.text for b in breach_list(monitor, reading)]
+
+
+def chunks_can_help(breach: Breach | None, figures: "MemoryFigures") -> bool:
+    """False when the process held the binding budget before the step did anything: no chunk
+    size fits then, and a retry with half the chunk only fails again."""
+    if breach is None or breach.budget != "max_process_memory_mb":
+        return True
+    if figures.baseline_rss_bytes is None:
+        return True
+    return figures.baseline_rss_bytes / MiB < 0.9 * breach.budget_mb
+
+
+def fitting_budget_mb(figures: "MemoryFigures") -> float:
+    """A process budget that holds this step: its peak with a quarter more, in whole 64 MB."""
+    need = figures.peak_rss_mb * 1.25
+    return float(64 * -(-need // 64))
 
 
 def pressure_failure(
@@ -282,24 +371,56 @@ def pressure_failure(
         peak_pyarrow_bytes=max(base.peak_pyarrow_bytes, reading.pyarrow_bytes),
         limit_bytes=base.limit_bytes,
         limit_source=base.limit_source,
+        stopped=True,
     )
-    over = breaches(monitor, reading) or ["pressure stayed at EMERGENCY"]
+    found = breach_list(monitor, reading)
+    binding = found[0] if found else None
+    figures = dataclasses.replace(figures, baseline_rss_bytes=base.baseline_rss_bytes)
+    helps = chunks_can_help(binding, figures)
+    over = [b.text for b in found] or ["pressure stayed at EMERGENCY"]
     description = (
         f"{FAILURE_PREFIX} during {stage}: {'; '.join(over)}. "
         f"Peak RSS {figures.peak_rss_mb:.1f} MB, peak PyArrow {figures.peak_pyarrow_mb:.1f} MB, "
         f"limit {figures.limit_mb:.1f} MB ({figures.limit_source}). "
-        "The step stopped before the kernel could kill it and wrote nothing: lower "
-        "chunk_size_rows, stream inputs (ChunkStream, RecordBatchReader or Dataset "
-        "annotations), raise the memsafe budgets or give the container more memory."
+        "The step stopped before the kernel could kill it and wrote nothing: "
+        + advice(binding, figures, helps)
     )
     metadata: dict[str, Any] = {
         **memory_metadata(figures),
         **budgets_metadata(monitor),
         STAGE: dg.MetadataValue.text(stage),
         CURRENT_RSS_MB: dg.MetadataValue.float(round(reading.rss_bytes / MiB, 2)),
+        CHUNKS_HELP: dg.MetadataValue.bool(helps),
     }
+    if binding is not None:
+        metadata[BINDING] = dg.MetadataValue.text(binding.budget)
+        metadata[BINDING_MB] = dg.MetadataValue.float(round(binding.budget_mb, 2))
     if detail:
         metadata[DETAIL] = dg.MetadataValue.text(detail)
     if extra:
         metadata.update(extra)
-    return dg.Failure(description=description, metadata=metadata, allow_retries=True)
+    return dg.Failure(description=description, metadata=metadata, allow_retries=helps)
+
+
+def advice(binding: Breach | None, figures: MemoryFigures, helps: bool) -> str:
+    """What to change, for the budget that bound."""
+    if binding is not None and binding.budget == "max_process_memory_mb" and not helps:
+        baseline = (figures.baseline_rss_bytes or 0) / MiB
+        return (
+            f"the process already held {baseline:.0f} MB (Python, Dagster and the libraries "
+            f"it imported) before the step began, so no chunk size fits under "
+            f"max_process_memory_mb {binding.budget_mb:g}; a budget of about "
+            f"{fitting_budget_mb(figures):.0f} MB would fit (MemoryMonitorResource("
+            "max_process_memory_mb=...), or a container limit of which the default 60 % is "
+            "that much)."
+        )
+    if binding is not None and binding.budget == "min_system_available_mb":
+        return (
+            "the container as a whole ran short (other processes count too): give the "
+            "container more memory, run fewer steps at once (admission, container_executor), "
+            "or lower chunk_size_rows."
+        )
+    return (
+        "lower chunk_size_rows, stream inputs (ChunkStream, RecordBatchReader or Dataset "
+        "annotations), raise the memsafe budgets or give the container more memory."
+    )

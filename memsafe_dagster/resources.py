@@ -6,8 +6,10 @@ background during a block and records the memsafe/* metadata of DESIGN.md's tabl
 """
 
 import contextlib
+import dataclasses
 import gc
 import logging
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -24,6 +26,13 @@ from memsafe_dagster.memory import (
     SamplingRequest,
     detect_memory_limits,
 )
+from memsafe_dagster.memory.admission import (
+    AdmissionLedger,
+    AdmissionTimeout,
+    expected_increment_mb,
+)
+from memsafe_dagster.memory.process import current_rss_bytes
+from memsafe_dagster.memory.sizes import MiB
 
 PROFILES = ("container", "development", "explicit")
 _BUDGET_FIELDS = ("max_pyarrow_mb", "max_process_memory_mb", "min_system_available_mb")
@@ -61,6 +70,20 @@ class MemoryMonitorResource(dg.ConfigurableResource):
     sampling_interval_ms: int = Field(
         default=100,
         description="Background sampling period of track() in ms; 0 samples only at checks.",
+    )
+    admission: bool = Field(
+        default=True,
+        description=(
+            "Reserve the step's expected peak from the container-wide admission ledger before "
+            "track() starts, waiting while the container cannot hold it."
+        ),
+    )
+    admission_timeout_s: float = Field(
+        default=600.0, description="How long a step waits for admission before it fails."
+    )
+    admission_ledger: str | None = Field(
+        default=None,
+        description="Ledger file (default: one per memory cgroup, or MEMSAFE_ADMISSION_LEDGER).",
     )
 
     _monitor: MemoryMonitor | None = PrivateAttr(default=None)
@@ -160,11 +183,19 @@ class MemoryMonitorResource(dg.ConfigurableResource):
             context=context,
             stage=stage or _default_stage(context),
             sampling_interval_s=self.sampling_interval_s,
+            admission=self._admission() if context is not None else None,
         )
         with tracker:
             yield tracker
         if record and context is not None:
             tracker.record(context, output_name=output_name)
+
+    def _admission(self) -> "Admission | None":
+        if not self.admission:
+            return None
+        return Admission(
+            ledger_path=self.admission_ledger, timeout_s=float(self.admission_timeout_s)
+        )
 
 
 def _is_env_var(value: Any) -> bool:
@@ -204,6 +235,7 @@ def check_pressure(
     *,
     extra: Mapping[str, Any] | None = None,
     window: PeakWindow | None = None,
+    baseline_rss_bytes: int | None = None,
 ) -> MemoryPressureLevel:
     """``MemoryMonitorResource.check`` for any monitor (the tracker and IO manager use it);
     peaks reported are those of ``window`` (default: the monitor's own)."""
@@ -214,6 +246,8 @@ def check_pressure(
     _log_level(context, monitor, level, stage, window)
     if level is EMERGENCY:
         figures = md.MemoryFigures.from_window(window) if window is not None else None
+        if figures is not None:
+            figures = dataclasses.replace(figures, baseline_rss_bytes=baseline_rss_bytes)
         raise md.pressure_failure(stage, monitor, figures=figures, reading=reading, extra=extra)
     return level
 
@@ -254,8 +288,11 @@ class MemoryTracker:
         context: Any = None,
         stage: str = "this block",
         sampling_interval_s: float = 0.1,
+        admission: "Admission | None" = None,
     ) -> None:
         self.monitor = monitor
+        self.admission = admission
+        self.baseline_rss_bytes: int | None = None
         self.context = context
         self.stage = stage
         self.sampling_interval_s = sampling_interval_s
@@ -265,6 +302,9 @@ class MemoryTracker:
         self._sampling: SamplingRequest | None = None
 
     def __enter__(self) -> "MemoryTracker":
+        if self.admission is not None:
+            self.extra.update(self.admission.enter(self.context, self.monitor, self.stage))
+        self.baseline_rss_bytes = current_rss_bytes()
         self.window = PeakWindow(self.monitor)
         self.monitor.sample()
         if self.sampling_interval_s > 0:
@@ -272,6 +312,8 @@ class MemoryTracker:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.admission is not None:
+            self.admission.exit()
         if self._sampling is not None:
             self._sampling.release()
             self._sampling = None
@@ -279,7 +321,14 @@ class MemoryTracker:
         window = self._window().close()
         if isinstance(exc, MemoryPressureError):
             raise self.failure(detail=str(exc)) from exc
-        if exc is None and window.max_pressure >= WARNING:
+        if exc is None and window.max_pressure is EMERGENCY:
+            # A momentary sample: no check acted on it and the step finished.
+            _log(self.context).warning(
+                f"memsafe: one memory sample during {self.stage} reached EMERGENCY, but it had "
+                "passed by the next check and the step finished; worst figures: "
+                + self.monitor.get_detailed_status(window)
+            )
+        elif exc is None and window.max_pressure >= WARNING:
             _log_level(self.context, self.monitor, window.max_pressure, self.stage, window)
 
     # -- during the block ---------------------------------------------------------------------
@@ -287,7 +336,12 @@ class MemoryTracker:
     def check(self, stage: str | None = None) -> MemoryPressureLevel:
         """Check now (logs WARNING and above; the memsafe Failure at EMERGENCY)."""
         return check_pressure(
-            self.monitor, self.context, stage or self.stage, extra=self.extra, window=self.window
+            self.monitor,
+            self.context,
+            stage or self.stage,
+            extra=self.extra,
+            window=self.window,
+            baseline_rss_bytes=self.baseline_rss_bytes,
         )
 
     def add_chunks(self, count: int = 1) -> None:
@@ -309,7 +363,8 @@ class MemoryTracker:
     @property
     def figures(self) -> md.MemoryFigures:
         """Final figures after the block; live figures while it runs."""
-        return md.MemoryFigures.from_window(self._window())
+        figures = md.MemoryFigures.from_window(self._window())
+        return dataclasses.replace(figures, baseline_rss_bytes=self.baseline_rss_bytes)
 
     def _window(self) -> PeakWindow:
         if self.window is None:
@@ -332,3 +387,146 @@ class MemoryTracker:
             add(self.metadata)
         else:
             add(self.metadata, output_name=output_name)
+
+
+# -- admission --------------------------------------------------------------------------------
+
+EXPECTED_PEAK_KEY = "memsafe/expected_peak_mb"
+HISTORY_LIMIT = 20
+
+# One reservation per step process: tracks nested inside a track (an IO manager's inside an
+# asset's) run under the outer one's reservation.
+_held = threading.local()
+
+
+class Admission:
+    """The Dagster side of admission: what a step expects, the wait, its log line, metadata.
+
+    The expected peak comes from the asset's definition metadata ``memsafe/expected_peak_mb``
+    (a peak RSS of the step process), else the 90th percentile of its last 20 materializations'
+    ``memsafe/step_rss_mb`` plus 20 % (or ``memsafe/peak_rss_mb`` minus today's baseline), else
+    ``memsafe.memory.admission.default_reservation_mb`` (25 % of the limit, at most 512 MB).
+    """
+
+    def __init__(self, *, ledger_path: str | None, timeout_s: float) -> None:
+        self.ledger_path = ledger_path
+        self.timeout_s = timeout_s
+        self._ledger: AdmissionLedger | None = None
+
+    def enter(self, context: Any, monitor: MemoryMonitor, stage: str) -> dict[str, Any]:
+        depth = getattr(_held, "depth", 0)
+        _held.depth = depth + 1
+        if depth > 0:
+            return {}
+        ledger = AdmissionLedger(self.ledger_path, limits=monitor.limits)
+        baseline_mb = current_rss_bytes() / MiB
+        need_mb, source = expected_increment_mb(
+            expected_peak_mb=_expected_peak(context),
+            history_increments_mb=_history_increments(context, baseline_mb),
+            baseline_mb=baseline_mb,
+            limit_mb=monitor.limits.limit_bytes / MiB,
+        )
+        logger = _log(context)
+
+        def waiting(state: Any) -> None:
+            logger.info(f"memsafe: admission for {stage}: {state.waiting_message(need_mb)}")
+
+        try:
+            granted = ledger.reserve(
+                need_mb, label=stage[:120], timeout_s=self.timeout_s, on_wait=waiting
+            )
+        except AdmissionTimeout as exc:
+            _held.depth = depth
+            raise dg.Failure(
+                description=(
+                    f"memsafe: admission timed out for {stage}: {exc}. Other steps in this "
+                    "container held the memory this step expects to need "
+                    f"({need_mb:,.0f} MB, from {source}). Lower the executor's max_concurrent "
+                    "(memsafe_dagster.container_executor), give the container more memory, or "
+                    "set memsafe/expected_peak_mb on the asset."
+                ),
+                metadata={
+                    ADMISSION_WAIT_S: dg.MetadataValue.float(round(self.timeout_s, 2)),
+                    ADMISSION_RESERVED_MB: dg.MetadataValue.float(round(need_mb, 1)),
+                    ADMISSION_SOURCE: dg.MetadataValue.text(source),
+                },
+                allow_retries=True,
+            ) from exc
+        self._ledger = ledger
+        if granted.waited:
+            logger.info(
+                f"memsafe: admitted {stage} after {granted.wait_s:.1f} s ({need_mb:,.0f} MB "
+                f"reserved, from {source})"
+            )
+        return {
+            ADMISSION_WAIT_S: dg.MetadataValue.float(round(granted.wait_s, 3)),
+            ADMISSION_RESERVED_MB: dg.MetadataValue.float(round(need_mb, 1)),
+            ADMISSION_SOURCE: dg.MetadataValue.text(source),
+        }
+
+    def exit(self) -> None:
+        depth = max(0, getattr(_held, "depth", 1) - 1)
+        _held.depth = depth
+        if self._ledger is not None:
+            ledger, self._ledger = self._ledger, None
+            with contextlib.suppress(OSError):
+                ledger.release()
+
+
+ADMISSION_WAIT_S = md.ADMISSION_WAIT_S
+ADMISSION_RESERVED_MB = md.ADMISSION_RESERVED_MB
+ADMISSION_SOURCE = md.ADMISSION_SOURCE
+
+
+def _asset_key(context: Any) -> dg.AssetKey | None:
+    with contextlib.suppress(Exception):
+        key = context.asset_key
+        if key is not None:
+            return key
+    return None
+
+
+def _expected_peak(context: Any) -> float | None:
+    """``memsafe/expected_peak_mb`` from the asset's (or output's) definition metadata."""
+    candidates: list[Mapping[str, Any]] = []
+    key = _asset_key(context)
+    with contextlib.suppress(Exception):
+        assets_def = context.assets_def
+        if key is not None:
+            candidates.append(assets_def.specs_by_key[key].metadata or {})
+    with contextlib.suppress(Exception):
+        candidates.append(context.definition_metadata or {})
+    with contextlib.suppress(Exception):
+        step = context.step_context
+        if key is not None:
+            candidates.append(step.job_def.asset_layer.get(key).metadata or {})
+    for meta in candidates:
+        value = meta.get(EXPECTED_PEAK_KEY)
+        value = getattr(value, "value", value)
+        with contextlib.suppress(TypeError, ValueError):
+            if value is not None:
+                return float(value)
+    return None
+
+
+def _history_increments(context: Any, baseline_mb: float) -> list[float]:
+    """Recent step increments of the asset from its materializations on the instance."""
+    key = _asset_key(context)
+    if key is None:
+        return []
+    try:
+        records = context.instance.fetch_materializations(key, limit=HISTORY_LIMIT).records
+    except Exception:
+        return []
+    out: list[float] = []
+    for record in records:
+        with contextlib.suppress(Exception):
+            meta = record.asset_materialization.metadata
+            step = meta.get(md.STEP_RSS_MB)
+            if step is not None:
+                out.append(float(step.value))
+                continue
+            peak = meta.get(md.PEAK_RSS_MB)
+            if peak is not None:
+                out.append(max(0.0, float(peak.value) - baseline_mb))
+    return out

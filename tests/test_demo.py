@@ -270,6 +270,14 @@ def test_memsafe_demo_runs_the_graph_and_reports_each_asset(tmp_path: Path) -> N
             if "has no limit" in (entry.user_message or "")
         ]
         assert warnings == []  # the demo's instance gives the merge pools a limit
+        # Every step was admitted through the container's ledger and records its increment.
+        for key in ("warehouse_orders", "orders_clean"):
+            meta = instance.get_latest_materialization_event(
+                dg.AssetKey(key)
+            ).asset_materialization.metadata
+            assert meta["memsafe/admission_wait_s"].value >= 0
+            assert meta["memsafe/admission_source"].value in ("metadata", "history", "default")
+            assert 0 <= meta["memsafe/step_rss_mb"].value <= meta["memsafe/peak_rss_mb"].value
 
     # Again: the same days are updates now, and a new CRM export updates customers.
     second = memsafe_demo(data_dir)

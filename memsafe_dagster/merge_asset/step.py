@@ -127,6 +127,8 @@ def materialize_merge(
             {
                 md.CHUNK_SIZE_ROWS: dg.MetadataValue.int(chunk_rows),
                 md.RETRY_NUMBER: dg.MetadataValue.int(retry),
+                # The op config field a relaunch after a memory failure may halve.
+                md.CHUNK_CONFIG: dg.MetadataValue.text("merge_chunk_size_rows"),
                 md.PATH: dg.MetadataValue.path(target if table is None else table.location()),
             }
         )
