@@ -1,6 +1,8 @@
 """Byte-based sizing in process: footer row widths, rows per byte budget, the refusal message,
 chunks of wide rows, filters on the pulled Parquet path, and merge progress counted in rows."""
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -125,6 +127,8 @@ def test_merge_progress_counts_rows(tmp_path) -> None:
     assert result.updated == 5_000 and result.inserted == 5_000
     done = [d for d, _ in calls]
     assert done == sorted(done) and calls[-1][0] == calls[-1][1]
+    # Each figure once: the end is reported once, not once per finished phase.
+    assert all(a != b for a, b in itertools.pairwise(calls)), calls
     # Rows, not files or batches: the source is ingested and rewritten, the target scanned.
     assert calls[-1][0] >= result.source_count + result.target_count_before
     assert len(calls) > 10

@@ -73,6 +73,7 @@ class MergeGuard(WindowPeaks):
         self._callback = progress_callback
         self._done = 0
         self._total = 0
+        self._emitted: tuple[int, int] | None = None
         self._progress_lock = threading.Lock()
         self._slots = threading.Condition()
         self._active = 0
@@ -270,8 +271,11 @@ class MergeGuard(WindowPeaks):
         return self._done
 
     def _emit(self) -> None:
-        if self._callback is not None:
-            self._callback(self._done, self._total)
+        # Each (done, total) is reported once: a finished phase does not repeat the last figure.
+        figures = (self._done, self._total)
+        if self._callback is not None and figures != self._emitted:
+            self._emitted = figures
+            self._callback(*figures)
 
 
 def _release_memory() -> None:
