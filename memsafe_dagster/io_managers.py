@@ -192,12 +192,14 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
             files = self._write(stream, path)
             tracker.chunks = stream.stats.chunks
         context.add_output_metadata(
-            {
-                **tracker.metadata,
-                **md.stream_metadata(stream.stats),
-                **md.table_metadata(stream.schema, stream.stats.rows, partitioned=partitioned),
-                FILES: dg.MetadataValue.int(files),
-            }
+            md.for_ui(
+                {
+                    **tracker.metadata,
+                    **md.stream_metadata(stream.stats),
+                    **md.table_metadata(stream.schema, stream.stats.rows, partitioned=partitioned),
+                    FILES: dg.MetadataValue.int(files),
+                }
+            )
         )
 
     def _output_stream(self, obj: Any, chunk_rows: int, context: OutputContext) -> ChunkStream:

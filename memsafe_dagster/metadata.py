@@ -45,7 +45,8 @@ DELETED = "memsafe/deleted"
 ROW_COUNT = "dagster/row_count"
 PARTITION_ROW_COUNT = "dagster/partition_row_count"
 COLUMN_SCHEMA = "dagster/column_schema"
-PATH = "path"
+URI = "dagster/uri"  # where the data is: a path or a URL
+PATH = "path"  # what UPathIOManager records for an IO-managed output
 
 # Beyond DESIGN.md's table: what the step ran with, so a retry's smaller chunk is visible.
 CHUNK_SIZE_ROWS = "memsafe/chunk_size_rows"
@@ -129,6 +130,40 @@ class MemoryFigures(PeaksInMB):
     def headroom_mb(self) -> float:
         """The effective limit minus the peak RSS (negative when the peak went over)."""
         return (self.limit_bytes - self.peak_rss_bytes) / MiB
+
+
+# The entries people look at first, in this order; everything else follows, JSON last.
+FIRST_LOOK = (
+    PRESSURE,
+    "memsafe/pressure_worst_sample",
+    PEAK_RSS_MB,
+    "memsafe/step_rss_mb",
+    HEADROOM_MB,
+    LIMIT_MB,
+    LIMIT_SOURCE,
+    INSERTED,
+    UPDATED,
+    DELETED,
+    ROW_COUNT,
+    PARTITION_ROW_COUNT,
+    URI,
+)
+
+
+_BIG = (dg.JsonMetadataValue, dg.TableSchemaMetadataValue)
+
+
+def for_ui(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` ordered as the UI should show it: ``FIRST_LOOK`` first, then the other
+    figures, and the big entries (JSON, column schemas) last."""
+    first = {key: metadata[key] for key in FIRST_LOOK if key in metadata}
+    rest = [(k, v) for k, v in metadata.items() if k not in first]
+    is_json = [isinstance(v, _BIG) for _, v in rest]
+    return {
+        **first,
+        **{k: v for (k, v), j in zip(rest, is_json, strict=True) if not j},
+        **{k: v for (k, v), j in zip(rest, is_json, strict=True) if j},
+    }
 
 
 def memory_metadata(

@@ -374,9 +374,7 @@ class MemoryTracker:
     @property
     def metadata(self) -> dict[str, Any]:
         """The memsafe/* entries of DESIGN.md's table (plus ``extra``), ready for Dagster."""
-        out = md.memory_metadata(self.figures, chunks=self.chunks)
-        out.update(self.extra)
-        return out
+        return md.for_ui({**md.memory_metadata(self.figures, chunks=self.chunks), **self.extra})
 
     def record(self, context: Any, *, output_name: str | None = None) -> None:
         """Add ``metadata`` to the context's output (asset/op context or ``OutputContext``)."""

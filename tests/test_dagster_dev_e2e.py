@@ -275,7 +275,7 @@ def test_dagster_dev_launches_the_demo_merge_and_the_sensor_merges_the_inbox(
             meta["memsafe/limit_mb"] - meta["memsafe/peak_rss_mb"], abs=0.02
         )
         assert meta["memsafe/chunk_size_rows"] == 1_500 and meta["memsafe/chunks"] == 3
-        assert Path(meta["path"]) == data_dir / "warehouse" / "orders"
+        assert Path(meta["dagster/uri"]) == data_dir / "warehouse" / "orders"
         checks = asset["assetOrError"]["definition"]["assetChecksOrError"]["checks"]
         assert {
             c["name"]: c["executionForLatestMaterialization"]["evaluation"]["success"]

@@ -89,7 +89,7 @@ def test_merge_asset_into_an_iceberg_table_records_the_snapshot(tmp_path, catalo
     assert spec.target_table == "ns.orders" and spec.catalog_resource_key == "iceberg_catalog"
     definition = merged.specs_by_key[merged.key].metadata
     assert definition[TARGET_TABLE] == "ns.orders" and definition[TABLE_NAME] == "ns.orders"
-    assert md.PATH not in definition and "memsafe/target_path" not in definition
+    assert md.URI not in definition and "memsafe/target_path" not in definition
     assert merged.specs_by_key[merged.key].kinds == {"iceberg"}
     assert {c.name for c in merged.check_specs} == {MEMORY_HEADROOM}, "no unique_keys check"
     assert "iceberg_catalog" in merged.required_resource_keys
@@ -114,7 +114,7 @@ def test_merge_asset_into_an_iceberg_table_records_the_snapshot(tmp_path, catalo
     assert meta[md.ROW_COUNT] == 150
     assert [c.name for c in meta[md.COLUMN_SCHEMA].columns] == ["id", "v"]
     assert meta[md.MERGE]["snapshot_id"] == snapshot.snapshot_id
-    assert meta[md.PATH] == table.location()
+    assert meta[md.URI] == table.location()
     assert meta[md.PRESSURE] == "normal" and meta[md.PEAK_RSS_MB] > 20
     summary = snapshot.summary.additional_properties
     assert summary["dagster.run-id"] == result.run_id

@@ -114,7 +114,7 @@ def test_upstream_source_streams_and_records_the_merge(tmp_path: Path) -> None:
     # the upstream came as a ChunkStream re-chunked to the merge chunk size (one chunk here)
     assert meta[md.CHUNKS] == 1 and meta[md.CHUNK_SIZE_ROWS] == 100_000
     assert meta[md.RETRY_NUMBER] == 0
-    assert Path(meta[md.PATH]) == target
+    assert Path(meta[md.URI]) == target
     assert meta["memsafe/unique_keys"]["rows"] == 5_000
     checks = checks_of(result)
     assert checks[UNIQUE_KEYS].passed and checks[MEMORY_HEADROOM].passed
@@ -371,7 +371,7 @@ def test_partitions_map_one_to_one_into_a_dataset_each(tmp_path: Path) -> None:
         meta = latest_metadata(instance, "daily_wh", partition=key)
         assert meta[md.ROW_COUNT] == meta[md.PARTITION_ROW_COUNT] == 150
         assert meta[md.INSERTED] == 150
-        assert Path(meta[md.PATH]) == tmp_path / "wh" / key
+        assert Path(meta[md.URI]) == tmp_path / "wh" / key
 
 
 def test_partitions_merge_into_one_shared_target(tmp_path: Path) -> None:
@@ -471,6 +471,25 @@ def test_memory_headroom_reads_as_the_level_the_peak_must_stay_under(tmp_path: P
     assert match, check.description
     peak, level, said_budget = map(int, match.groups())
     assert said_budget == budget and level == round(0.7 * budget) and 0 < peak < level
+
+
+def test_materialization_metadata_opens_with_the_figures_people_look_at(tmp_path: Path) -> None:
+    """Pressure, peak, step increment, headroom, limit and counts first; JSON last; the data's
+    location once, as ``dagster/uri``, read back from the instance."""
+    merged = build_merge_asset(
+        "ordered", source=changes, target_path=str(tmp_path / "t"), key_columns="id"
+    )
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([changes, merged], resources=resources(tmp_path), instance=instance)
+        assert result.success
+        keys = list(latest_metadata(instance, "ordered"))
+    first = [k for k in md.FIRST_LOOK if k in keys]
+    assert keys[: len(first)] == first, keys
+    assert first[:3] == [md.PRESSURE, md.PEAK_RSS_MB, md.STEP_RSS_MB], first
+    assert {md.HEADROOM_MB, md.LIMIT_MB, md.INSERTED, md.ROW_COUNT, md.URI} <= set(first)
+    json_keys = [md.MERGE, md.BUDGETS, md.COLUMN_SCHEMA]
+    assert all(keys.index(j) > keys.index(md.CHUNK_SIZE_ROWS) for j in json_keys), keys
+    assert md.PATH not in keys and keys.count(md.URI) == 1
 
 
 # -- EMERGENCY and retries -------------------------------------------------------------------------

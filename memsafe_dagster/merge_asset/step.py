@@ -129,7 +129,7 @@ def materialize_merge(
                 md.RETRY_NUMBER: dg.MetadataValue.int(retry),
                 # The op config field a relaunch after a memory failure may halve.
                 md.CHUNK_CONFIG: dg.MetadataValue.text("merge_chunk_size_rows"),
-                md.PATH: dg.MetadataValue.path(target if table is None else table.location()),
+                md.URI: dg.MetadataValue.path(target if table is None else table.location()),
             }
         )
         monitor = tracker.monitor
@@ -183,7 +183,7 @@ def materialize_merge(
         f"updated, {result.deleted} deleted; {result.target_count_after} rows; peak RSS "
         f"{figures.peak_rss_mb:.0f} MB of {figures.limit_mb:.0f} MB ({figures.limit_source})"
     )
-    return dg.MaterializeResult(metadata=metadata, check_results=checks)
+    return dg.MaterializeResult(metadata=md.for_ui(metadata), check_results=checks)
 
 
 def _partition(
