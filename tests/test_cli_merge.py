@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -34,9 +35,13 @@ def _data(tmp_path: Path) -> tuple[Path, Path]:
     return source, target
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*MEMSAFE, *args], capture_output=True, text=True, env=child_env(), timeout=120
+        [*MEMSAFE, *args],
+        capture_output=True,
+        text=True,
+        env={**child_env(), **(env or {})},
+        timeout=120,
     )
 
 
@@ -164,6 +169,25 @@ def test_merge_memory_advice_names_the_commands_options(tmp_path: Path) -> None:
     assert "memory pressure EMERGENCY" in proc.stderr
     assert "raise --max-memory" in proc.stderr and "memory budget" not in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert snapshot(target) == before
+
+
+def test_merge_memory_advice_under_a_small_limit_suggests_a_budget_that_fits(
+    tmp_path: Path,
+) -> None:
+    """The default budget (60 % of a small limit) sits near the interpreter's own baseline:
+    the advice says so and names a budget, instead of "lower --chunk-rows"."""
+    source, target = _data(tmp_path)
+    before = snapshot(target)
+    proc = _run(
+        "merge", str(source), str(target), "--key", "id", env={"MEMSAFE_MEMORY_LIMIT": "100MB"}
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "memory pressure EMERGENCY" in proc.stderr
+    assert "--chunk-rows" not in proc.stderr, proc.stderr
+    fits = re.search(r"raise --max-memory \(about (\d+) MB would fit\)", proc.stderr)
+    assert fits and int(fits.group(1)) > 60, proc.stderr
+    assert "--max-memory defaults to 60 % of the 100 MB limit" in proc.stderr
     assert snapshot(target) == before
 
 

@@ -169,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
         message = str(exc)
         for python, flag in PYTHON_TO_FLAGS:
             message = message.replace(python, flag)
+        if isinstance(exc, MemoryError) and args.max_memory is None:
+            limit_mb = detect_memory_limits().limit_bytes / MiB
+            message += (
+                f" (--max-memory defaults to 60 % of the {limit_mb:.0f} MB limit, which leaves "
+                "little above a Python process's own baseline under a small limit)"
+            )
         print(f"memsafe merge: error: {message}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
     finally:

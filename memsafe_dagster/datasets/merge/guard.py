@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -149,14 +150,19 @@ class MergeGuard(WindowPeaks):
 
     def _advice(self) -> str:
         """What to change: smaller chunks cannot help when the process was already near its
-        budget before the merge read anything."""
+        budget before the merge read anything, or when PyArrow (the data) held little of it."""
         budget_mb = self.monitor.max_process_memory_mb
         start_mb = self.start_rss / 2**20
-        if budget_mb and start_mb >= 0.75 * budget_mb:
+        data_mb = self.window.peak_pyarrow_mb if self.window is not None else 0.0
+        if budget_mb and (start_mb >= 0.75 * budget_mb or data_mb < 0.25 * budget_mb):
+            # The merge's own need is at least what pushed it over; leave it twice that.
+            need_mb = max(data_mb, budget_mb - start_mb, 32.0)
+            fits_mb = math.ceil((start_mb + 2 * need_mb) / 64) * 64
             return (
                 f"The process already used {start_mb:.0f} MB of its {budget_mb:.0f} MB budget "
-                "before the merge started (interpreter, libraries, earlier work), so smaller "
-                "chunks will not help: raise the memory budget"
+                "before the merge started (interpreter, libraries, earlier work) and PyArrow "
+                f"held {data_mb:.0f} MB at the peak, so smaller chunks will not help: raise the "
+                f"memory budget (about {fits_mb} MB would fit)"
             )
         return "Lower merge_chunk_size_rows, or raise the memory budget"
 
