@@ -235,3 +235,36 @@ def test_kill_9_at_every_commit_step_on_s3(endpoint, point):
     # the next writer proceeds without flags (the dead holder's lock is broken: same host)
     io.merge(_table([99], "next"), url, "upsert", "k", lock_timeout_s=10, **ROOM)
     assert (99, "next") in _rows(io, url)
+
+
+def test_cli_merge_and_recover_on_s3_with_storage_options(endpoint, tmp_path):
+    import pyarrow.parquet as pq
+
+    from memsafe_dagster.cli import main
+
+    io = _io(endpoint)
+    url = f"s3://{new_bucket(endpoint)}/t"
+    io.write_dataset(_table(range(3), "a"), url)
+    src = tmp_path / "src.parquet"
+    pq.write_table(_table([2, 7], "cli"), src)
+    opt = f"client_kwargs.endpoint_url={endpoint}"
+    assert (
+        main(
+            [
+                "merge",
+                str(src),
+                url,
+                "--key",
+                "k",
+                "--storage-option",
+                opt,
+                "--min-available",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert _rows(io, url) == [(0, "a"), (1, "a"), (2, "cli"), (7, "cli")]
+    assert main(["recover", url, "--storage-option", opt]) == 0
+    assert main(["recover", url, "--storage-option", "no-equals-sign"]) == 2  # control
