@@ -94,7 +94,7 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         default=None,
         description="Base directory, any fsspec URL (default: the instance's storage directory).",
     )
-    storage_options: dict[str, Any] = Field(
+    filesystem_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec storage options for base_path (credentials, endpoint, ...).",
     )
@@ -148,7 +148,7 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         from upath import UPath
 
         if self.base_path is not None:
-            self._base_path = UPath(self.base_path, **self.storage_options)
+            self._base_path = UPath(self.base_path, **self.filesystem_options)
         else:
             instance = context.instance
             if instance is None:

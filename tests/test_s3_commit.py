@@ -268,3 +268,32 @@ def test_cli_merge_and_recover_on_s3_with_storage_options(endpoint, tmp_path):
     assert _rows(io, url) == [(0, "a"), (1, "a"), (2, "cli"), (7, "cli")]
     assert main(["recover", url, "--storage-option", opt]) == 0
     assert main(["recover", url, "--storage-option", "no-equals-sign"]) == 2  # control
+
+
+def test_the_readme_s3_example_runs(endpoint, tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [example] = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "MEMSAFE_BUCKET" in b
+    ]
+    env = {
+        **os.environ,
+        **s3_helpers.AWS_ENV,
+        "AWS_ENDPOINT_URL": endpoint,
+        "MEMSAFE_BUCKET": new_bucket(endpoint),
+        "MEMSAFE_MEMORY_LIMIT": "4g",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", example],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines()[-1] == "3"
