@@ -297,3 +297,37 @@ def test_the_readme_s3_example_runs(endpoint, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines()[-1] == "3"
+
+
+def _term_worker(endpoint: str, url: str, ready) -> None:
+    ready.set()
+    _io(endpoint).merge(_table(range(5, 15), "new"), url, "upsert", "k", **ROOM)
+    os._exit(0)
+
+
+def test_sigterm_at_random_instants_leaves_before_or_after_on_s3(endpoint):
+    import random
+    import signal
+
+    io = _io(endpoint)
+    bucket = new_bucket(endpoint)
+    rng = random.Random(13)
+    outcomes = {"before": 0, "after": 0}
+    for trial in range(12):
+        url = f"s3://{bucket}/t{trial}"
+        io.write_dataset(_table(range(10), "old"), url)
+        before = _rows(io, url)
+        after = sorted({**dict(before), **dict.fromkeys(range(5, 15), "new")}.items())
+        ready = CTX.Event()
+        p = CTX.Process(target=_term_worker, args=(endpoint, url, ready))
+        p.start()
+        ready.wait(10)
+        time.sleep(rng.uniform(0.0, 1.5))
+        os.kill(p.pid, signal.SIGTERM)
+        p.join(60)
+        state = _rows(io, url)
+        assert state in (before, after), trial
+        outcomes["before" if state == before else "after"] += 1
+        io.merge(_table([99], "next"), url, "upsert", "k", lock_timeout_s=10, **ROOM)
+        assert (99, "next") in _rows(io, url)
+    print(f"12 SIGTERM trials on S3: {outcomes}")

@@ -12,7 +12,9 @@ Protocol (state lives under ``<target>/_memsafe/``, which every reader skips):
    meantime (a lost or broken lock) the create fails and this writer gets
    ``CommitConflictError``: two writers can never both commit against the same base, whatever
    the lock did (optimistic concurrency, as table formats do);
-5. apply it: move staged files to their final names, delete the files it replaces;
+5. apply it: move staged files to their final names, delete the files it replaces
+   (SIGTERM and SIGINT are held from step 3 until this step is done, so a terminated run
+   finishes its commit before it stops and releases the lock);
 6. delete the record and the staging directory, release the lock.
 
 A crash before step 4 leaves staging and perhaps a record without its log entry, which
@@ -506,6 +508,10 @@ class DatasetTransaction:
             for staged, _ in record.add:
                 _fsync_file(join(self.target, staged))
         crash_point("commit-staged")
+        with _signals_deferred():
+            return self._commit(record)
+
+    def _commit(self, record: CommitRecord) -> CommitRecord:
         _write_record(self.fs, self.target, record, durable=self.durable)
         self._record_written = True
         entry = json.dumps(
@@ -528,6 +534,29 @@ class DatasetTransaction:
         crash_point("commit-recorded")
         _apply(self.fs, self.target, record)
         return record
+
+
+_DEFERRED = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT from the commit point until the commit is applied.
+
+    On the main thread the signals are blocked (``pthread_sigmask``) and delivered, with
+    whatever handler is installed (Dagster's termination, Python's KeyboardInterrupt, the
+    default kill), as soon as the commit is applied. Elsewhere this is a no-op.
+    """
+    import threading as _threading
+
+    if _threading.current_thread() is not _threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
