@@ -65,7 +65,9 @@ def test_10m_upsert_inside_a_512mb_cgroup_stays_under_384mb(upsert_10m) -> None:
     assert result["files_rewritten"] == 10 and result["files_untouched"] == 0
     assert result["max_pressure"] != "emergency"
     check_upsert_result(target, manifest)
-    assert not (target / "_memsafe").exists()
+    assert not [
+        p for p in (target / "_memsafe").rglob("*") if p.name != "log" and p.parent.name != "log"
+    ]
 
 
 def test_a_cap_too_small_stops_cleanly_instead_of_being_oom_killed(upsert_10m) -> None:

@@ -196,7 +196,9 @@ def test_a_source_beyond_the_index_budget_is_spilled_and_matched_in_passes(
         counts["updated"],
         counts["deleted"],
     )
-    assert not (target / "_memsafe").exists()
+    assert not [
+        p for p in (target / "_memsafe").rglob("*") if p.name != "log" and p.parent.name != "log"
+    ]
 
 
 def test_spilled_duplicates_are_refused_with_the_key(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import sys
 from typing import Any
 
 from memsafe_dagster.cli._monitor_options import add_size_option
-from memsafe_dagster.datasets.commit import DatasetLockedError
+from memsafe_dagster.cli._storage import add_storage_option_argument, parse_storage_options
+from memsafe_dagster.datasets.commit import CommitConflictError, DatasetLockedError
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.merge import STRATEGIES
 from memsafe_dagster.memory import detect_memory_limits
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", help="Parquet file or directory (path or URL)")
     parser.add_argument("target", help="target dataset directory (path or URL; may not exist)")
+    add_storage_option_argument(parser)
     parser.add_argument(
         "--key",
         action="append",
@@ -147,10 +149,23 @@ def run(args: argparse.Namespace) -> int:
         options["compression"] = args.compression
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = _Bar() if show else None
-    fs, target = resolve_filesystem(args.target)
+    try:
+        storage_options = parse_storage_options(args.storage_option)
+    except ValueError as exc:
+        print(f"memsafe merge: error: {exc}", file=sys.stderr)
+        return 2
+    fs, target = resolve_filesystem(args.target, storage_options=storage_options)
+    source: Any = args.source
+    if "://" in str(source) or "://" in str(args.target):
+        # The source resolves by its own URL (with the storage options), never through the
+        # target's filesystem: a local file merged into s3:// stays a local file.
+        from memsafe_dagster.datasets.source import open_dataset
+
+        src_options = storage_options if "://" in str(source) else None
+        source = open_dataset(source, storage_options=src_options)
     try:
         result = merge_dataset(
-            args.source,
+            source,
             target,
             fs=fs,
             strategy=args.strategy,
@@ -161,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             **budgets(args),
             **options,
         )
-    except DatasetLockedError as exc:
+    except (DatasetLockedError, CommitConflictError) as exc:
         print(f"memsafe merge: {exc}", file=sys.stderr)
         return 3
     except (ValueError, MemoryError) as exc:

@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "merge_iceberg": "memsafe_dagster.datasets.iceberg",
     "DatasetTransaction": "memsafe_dagster.datasets.commit",
     "DatasetLockedError": "memsafe_dagster.datasets.commit",
+    "CommitConflictError": "memsafe_dagster.datasets.commit",
     "RecoveryReport": "memsafe_dagster.datasets.commit",
     "recover": "memsafe_dagster.datasets.commit",
 }

@@ -4,14 +4,32 @@ Protocol (state lives under ``<target>/_memsafe/``, which every reader skips):
 
 1. take the lock (``_memsafe/lock``), then ``recover`` whatever an earlier writer left;
 2. stage new files under ``_memsafe/staging/<txn>/``;
-3. write the commit record ``_memsafe/commits/<txn>.json`` atomically (temp file + rename):
-   its existence is the commit point;
-4. apply it: move staged files to their final names, delete the files it replaces;
-5. delete the record and the staging directory, release the lock.
+3. write the commit record ``_memsafe/commits/<txn>.json`` (temp file + rename on local
+   disks, one PUT on object stores), naming the log version it will commit as;
+4. the commit point: create the log entry ``_memsafe/log/<version>.json`` *exclusively*
+   (``O_EXCL`` on local disks, ``If-None-Match: *`` on S3). ``version`` is the latest log
+   version this writer read under the lock plus one, so when another writer committed in the
+   meantime (a lost or broken lock) the create fails and this writer gets
+   ``CommitConflictError``: two writers can never both commit against the same base, whatever
+   the lock did (optimistic concurrency, as table formats do);
+5. apply it: move staged files to their final names, delete the files it replaces
+   (SIGTERM and SIGINT are held from step 3 until this step is done, so a terminated run
+   finishes its commit before it stops and releases the lock);
+6. delete the record and the staging directory, release the lock.
 
-A crash before step 3 leaves only staging, which recovery deletes: the dataset is as before.
-A crash after it leaves a record, which recovery applies again (every step is idempotent):
-the dataset is as after. Final names are always new (``part-<txn>-NNNNN.parquet``), so a
+A crash before step 4 leaves staging and perhaps a record without its log entry, which
+recovery deletes: the dataset is as before. A crash after it leaves a record whose log entry
+exists, which recovery applies again (every step is idempotent): the dataset is as after.
+Records without a ``log_version`` (written by earlier releases) are rolled forward as before.
+
+The lock is a lease: its holder (host, pid, token) and an expiry that a thread renews while
+the holder works. A lock whose lease expired is broken automatically with a warning, from any
+host; on this host a lock of a dead process is broken at once. The lock only keeps writers
+from wasting work: correctness rests on the exclusive create of step 4 (the fence). On a
+filesystem with no exclusive create (anything but local disks and s3fs) the log entry is
+written check-then-write and a warning names the risk: run one writer at a time there.
+
+Final names are always new (``part-<txn>-NNNNN.parquet``), so a
 replayed move can never clobber live data. Empty state directories are removed when a
 transaction ends, so a failed first write leaves the target exactly as it was.
 
@@ -28,6 +46,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -64,6 +83,10 @@ class DatasetLockedError(RuntimeError):
     """Another writer holds the dataset's lock; the message names it and what to do."""
 
 
+class CommitConflictError(RuntimeError):
+    """Another writer committed to the dataset since this one read it; nothing was changed."""
+
+
 class CommitError(RuntimeError):
     """A commit record cannot be applied (its files are gone); the dataset needs a human."""
 
@@ -78,6 +101,7 @@ class CommitRecord:
     remove: tuple[str, ...]
     created_at: float
     info: dict[str, Any] = field(default_factory=dict)
+    log_version: int | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -89,6 +113,7 @@ class CommitRecord:
                 "add": [{"staged": s, "path": p} for s, p in self.add],
                 "remove": list(self.remove),
                 "info": self.info,
+                "log_version": self.log_version,
             },
             sort_keys=True,
         ).encode()
@@ -104,6 +129,7 @@ class CommitRecord:
                 remove=tuple(doc["remove"]),
                 created_at=float(doc["created_at"]),
                 info=dict(doc.get("info") or {}),
+                log_version=doc.get("log_version"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise CommitError(f"commit record {where} is unreadable: {exc}") from exc
@@ -120,6 +146,86 @@ class RecoveryReport:
     @property
     def changed(self) -> bool:
         return bool(self.rolled_forward or self.orphans_removed or self.lock_broken)
+
+
+# -- exclusive create and the commit log ------------------------------------------------------
+
+LOG_DIR = "log"
+DEFAULT_LEASE_S = 30.0
+_warned_no_exclusive: set[str] = set()
+
+
+def supports_exclusive_create(fs: fsspec.AbstractFileSystem) -> bool:
+    """True when ``fs`` has an atomic create-if-absent: local disks and S3 (s3fs)."""
+    if is_local(fs):
+        return True
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("s3", "s3a")
+
+
+def exclusive_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` only if it does not exist; False when it does.
+
+    Local disks: ``O_CREAT | O_EXCL``. S3: a PUT with ``If-None-Match: *`` (s3fs's
+    ``mode="create"``). Elsewhere: check-then-write with a one-time warning naming the risk.
+    """
+    parent = path.rsplit("/", 1)[0]
+    if is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
+    if supports_exclusive_create(fs):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        finally:
+            fs.invalidate_cache(parent)
+        return True
+    name = type(fs).__name__
+    if name not in _warned_no_exclusive:
+        _warned_no_exclusive.add(name)
+        log.warning(
+            "%s has no atomic create-if-absent: memsafe cannot fence concurrent writers "
+            "there (two writers may both commit and duplicate rows); run one writer at a time",
+            name,
+        )
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True
+
+
+def log_path(target: str, version: int) -> str:
+    return join(target, STATE_DIR, LOG_DIR, f"{version:012d}.json")
+
+
+def latest_version(fs: fsspec.AbstractFileSystem, target: str) -> int:
+    """The latest committed log version of ``target`` (0: no memsafe commit yet)."""
+    directory = join(target.rstrip("/"), STATE_DIR, LOG_DIR)
+    fs.invalidate_cache(directory)
+    try:
+        names = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return 0
+    versions = [0]
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base.endswith(".json") and base[:-5].isdigit():
+            versions.append(int(base[:-5]))
+    return max(versions)
+
+
+def _log_entry(fs: fsspec.AbstractFileSystem, target: str, version: int) -> dict[str, Any]:
+    try:
+        return json.loads(fs.cat_file(log_path(target, version)))
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 # -- the lock ---------------------------------------------------------------------------------
@@ -140,8 +246,10 @@ def _holder_alive(holder: dict[str, Any]) -> bool:
         # Empty or torn: either a writer is between create and write (alive), or one was
         # killed there. Only age tells them apart.
         return time.time() - holder.get("mtime", 0.0) < 10.0
+    expires = holder.get("expires_at")
     if holder.get("host") != socket.gethostname():
-        return True  # cannot tell for another machine: assume it is alive
+        # Another machine: only its lease tells (a lock without one is assumed alive).
+        return not isinstance(expires, (int, float)) or time.time() < expires
     pid = int(holder.get("pid", -1))
     started = _process_start_time(pid)
     if started is not None:
@@ -158,52 +266,71 @@ def _holder_alive(holder: dict[str, Any]) -> bool:
 
 
 class DatasetLock:
-    """An exclusive lock file ``<target>/_memsafe/lock``.
+    """An exclusive lock file ``<target>/_memsafe/lock`` holding a lease.
 
     A second writer waits up to ``timeout_s`` and then gets ``DatasetLockedError`` naming the
-    holder. A lock left by a dead process on this host (``kill -9``, OOM kill) is broken
-    automatically. On object stores the lock is best-effort (write, then read back the token).
+    holder. The holder (host, pid, token) renews its lease (``lease_s``) from a thread while
+    it works; a lock whose lease expired, or held by a dead process on this host (``kill -9``,
+    OOM kill), is broken automatically with a warning. The create is exclusive on local disks
+    and S3; correctness never rests on the lock alone (see the module docstring).
     """
 
     def __init__(
-        self, fs: fsspec.AbstractFileSystem, target: str, *, timeout_s: float = 30.0
+        self,
+        fs: fsspec.AbstractFileSystem,
+        target: str,
+        *,
+        timeout_s: float = 30.0,
+        lease_s: float | None = None,
     ) -> None:
         self.fs = fs
         self.target = target
         self.path = join(target, STATE_DIR, "lock")
         self.timeout_s = timeout_s
+        self.lease_s = float(lease_s or os.environ.get("MEMSAFE_LEASE_S") or DEFAULT_LEASE_S)
         self.token = uuid.uuid4().hex
         self.held = False
         self.broke_stale = False
+        self._acquired_at = 0.0
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def _payload(self) -> bytes:
         pid = os.getpid()
+        now = time.time()
         return json.dumps(
             {
                 "token": self.token,
                 "pid": pid,
                 "host": socket.gethostname(),
                 "started": _process_start_time(pid),
-                "acquired_at": time.time(),
+                "acquired_at": self._acquired_at or now,
+                "lease_s": self.lease_s,
+                "expires_at": now + self.lease_s,
             }
         ).encode()
 
     def _try_create(self) -> bool:
-        self.fs.makedirs(join(self.target, STATE_DIR), exist_ok=True)
         if is_local(self.fs):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except (FileExistsError, FileNotFoundError):
-                # FileNotFoundError: a finishing writer removed the empty state directory
-                # between our makedirs and open; the next attempt recreates it.
+                return exclusive_create(self.fs, self.path, self._payload())
+            except FileNotFoundError:
+                # A finishing writer removed the empty state directory between our makedirs
+                # and open; the next attempt recreates it.
                 return False
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self._payload())
-            return True
-        if self.fs.exists(self.path):
+        if not exclusive_create(self.fs, self.path, self._payload()):
             return False
-        self.fs.pipe_file(self.path, self._payload())
         return self._read_holder().get("token") == self.token
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if self._read_holder().get("token") != self.token:
+                    log.warning("lost the lock on %s (lease broken by another writer)", self.target)
+                    return
+                self.fs.pipe_file(self.path, self._payload())
+            except Exception as exc:  # keep renewing through transient errors
+                log.warning("renewing the lease on %s failed: %s", self.target, exc)
 
     def _read_holder(self) -> dict[str, Any]:
         try:
@@ -220,13 +347,22 @@ class DatasetLock:
     def acquire(self) -> DatasetLock:
         deadline = time.monotonic() + self.timeout_s
         while True:
+            self._acquired_at = time.time()
             if self._try_create():
                 self.held = True
+                self._stop.clear()
+                self._renewer = threading.Thread(
+                    target=self._renew_loop, name="memsafe-lease", daemon=True
+                )
+                self._renewer.start()
                 return self
             holder = self._read_holder()
             if holder and not _holder_alive(holder):
                 log.warning(
-                    "breaking stale lock on %s held by dead pid %s", self.target, holder.get("pid")
+                    "breaking stale lock on %s held by pid %s on %s (dead or lease expired)",
+                    self.target,
+                    holder.get("pid"),
+                    holder.get("host"),
                 )
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(self.path)
@@ -240,6 +376,9 @@ class DatasetLock:
         if not self.held:
             return
         self.held = False
+        self._stop.set()
+        if self._renewer is not None and self._renewer is not threading.current_thread():
+            self._renewer.join(timeout=5)
         if self._read_holder().get("token") == self.token:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path)
@@ -294,12 +433,15 @@ class DatasetTransaction:
         self._adds: list[tuple[str, str]] = []
         self._removes: list[str] = []
         self._committed: CommitRecord | None = None
+        self._record_written = False
+        self.base_version = 0
 
     def __enter__(self) -> DatasetTransaction:
         self.lock.acquire()
         try:
             self.recovery = _recover_locked(self.fs, self.target)
             self.recovery.lock_broken = self.lock.broke_stale
+            self.base_version = latest_version(self.fs, self.target)
             self.fs.makedirs(self.staging, exist_ok=True)
         except BaseException:
             self.lock.release()
@@ -309,6 +451,9 @@ class DatasetTransaction:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         try:
             if self._committed is None:
+                if self._record_written:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(_record_path(self.target, self.txn))
                 _remove_tree(self.fs, self.staging)
             _tidy_state(self.fs, self.target)
         finally:
@@ -346,7 +491,8 @@ class DatasetTransaction:
         return [join(self.target, p) for _, p in self._adds]
 
     def commit(self, info: dict[str, Any] | None = None) -> CommitRecord:
-        """Write the commit record (the point of no return) and apply it."""
+        """Write the commit record, create the log entry (the point of no return: fails with
+        ``CommitConflictError`` when another writer committed since this one began) and apply."""
         if self._committed is not None:
             raise RuntimeError("transaction already committed")
         record = CommitRecord(
@@ -356,16 +502,61 @@ class DatasetTransaction:
             remove=tuple(self._removes),
             created_at=time.time(),
             info=dict(info or {}),
+            log_version=self.base_version + 1,
         )
         if self.durable and is_local(self.fs):
             for staged, _ in record.add:
                 _fsync_file(join(self.target, staged))
         crash_point("commit-staged")
+        with _signals_deferred():
+            return self._commit(record)
+
+    def _commit(self, record: CommitRecord) -> CommitRecord:
         _write_record(self.fs, self.target, record, durable=self.durable)
+        self._record_written = True
+        entry = json.dumps(
+            {
+                "version": record.log_version,
+                "txn": record.txn,
+                "operation": record.operation,
+                "created_at": record.created_at,
+                "holder": {"host": socket.gethostname(), "pid": os.getpid()},
+            }
+        ).encode()
+        assert record.log_version is not None
+        if not exclusive_create(self.fs, log_path(self.target, record.log_version), entry):
+            raise CommitConflictError(
+                f"dataset {self.target}: another writer committed version {record.log_version} "
+                f"while this {self.operation} ran (it read version {self.base_version}); "
+                "nothing was changed. Run it again: it will see the other writer's rows."
+            )
         self._committed = record
         crash_point("commit-recorded")
         _apply(self.fs, self.target, record)
         return record
+
+
+_DEFERRED = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT from the commit point until the commit is applied.
+
+    On the main thread the signals are blocked (``pthread_sigmask``) and delivered, with
+    whatever handler is installed (Dagster's termination, Python's KeyboardInterrupt, the
+    default kill), as soon as the commit is applied. Elsewhere this is a no-op.
+    """
+    import threading as _threading
+
+    if _threading.current_thread() is not _threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -498,6 +689,15 @@ def _recover_locked(fs: fsspec.AbstractFileSystem, target: str) -> RecoveryRepor
         for path in sorted(fs.ls(commits, detail=False)):
             if path.endswith(".json"):
                 record = CommitRecord.from_json(fs.cat_file(path), path)
+                if (
+                    record.log_version is not None
+                    and _log_entry(fs, target, record.log_version).get("txn") != record.txn
+                ):
+                    # Recorded but never committed (killed before, or lost the race for, its
+                    # log entry): the dataset is as before; drop the record and its staging.
+                    log.warning("discarding uncommitted record %s on %s", record.txn, target)
+                    fs.rm_file(path)
+                    continue
                 log.warning("rolling forward commit %s on %s", record.txn, target)
                 _apply(fs, target, record)
                 report.rolled_forward.append(record.txn)

@@ -1,0 +1,72 @@
+"""A real S3 API on loopback for the object-storage tests: moto's ThreadedMotoServer on
+127.0.0.1 (random port), requests served one at a time (stock moto checks ``If-None-Match``
+and then writes, which races under its threaded server; real S3 is atomic), and helpers to
+make a bucket and the s3fs storage options that point at it."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+moto_server = pytest.importorskip("moto.server")
+boto3 = pytest.importorskip("boto3")
+
+
+class _Serialized:
+    def __init__(self, app) -> None:
+        self.app, self.lock = app, threading.Lock()
+
+    def __call__(self, environ, start_response):
+        with self.lock:
+            return list(self.app(environ, start_response))
+
+
+class LockedMotoServer(moto_server.ThreadedMotoServer):
+    def _server_entry(self) -> None:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        app = _Serialized(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server(
+            self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
+        )
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def start_server() -> tuple[LockedMotoServer, str]:
+    server = LockedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+def storage_options(endpoint: str) -> dict:
+    """s3fs options for the loopback server; credentials come from the AWS env vars."""
+    return {"client_kwargs": {"endpoint_url": endpoint}, "use_listings_cache": False}
+
+
+def new_bucket(endpoint: str) -> str:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def s3fs_for(endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, **storage_options(endpoint))
