@@ -84,6 +84,23 @@ def snapshot(directory: str | Path) -> dict[str, bytes]:
     }
 
 
+def leftover_state(directory: str | Path, fs: Any = None) -> list[str]:
+    """What a finished writer left under ``_memsafe`` besides the commit log (which is part of
+    the dataset and stays): staging, records or a lock would be listed here."""
+    root = f"{str(directory).rstrip('/')}/_memsafe"
+    if fs is None:
+        here = Path(root)
+        found = [str(p) for p in here.rglob("*") if p.is_file()] if here.exists() else []
+    else:
+        found = list(fs.find(root)) if fs.exists(root) else []
+    return [f for f in found if "/_memsafe/log/" not in f.replace("\\", "/")]
+
+
+def without_state(files: Any) -> list[str]:
+    """The names among ``files`` (a ``snapshot`` or a listing) outside ``_memsafe``."""
+    return [f for f in files if "_memsafe" not in str(f).replace("\\", "/").split("/")]
+
+
 # -- the oracle ----------------------------------------------------------------------------
 
 

@@ -15,6 +15,8 @@ boto3 = pytest.importorskip("boto3")
 
 
 class _Serialized:
+    """One request at a time: stock moto's conditional writes race under its threaded server."""
+
     def __init__(self, app) -> None:
         self.app, self.lock = app, threading.Lock()
 

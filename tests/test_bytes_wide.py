@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from merge_helpers import child_env, snapshot
+from merge_helpers import child_env, leftover_state, snapshot
 
 from memsafe_dagster.memory.cgroup_cap import run_capped, run_measured
 
@@ -90,7 +90,7 @@ def test_pandas_default_file_merges_and_streams_under_a_512mb_cap(wide, tmp_path
     assert result["max_pressure"] != "emergency"
     assert run.cgroup_peak_bytes <= CAP_MB * 2**20
     verify(target, FILE_ROWS, 50_000)
-    assert not (target / "_memsafe").exists()
+    assert leftover_state(target) == []
 
     stream = helper("stream", wide["target"] / "part-000.parquet", cap=CAP)
     assert not stream.oom_killed and stream.returncode == 0, stream.stderr[-3000:]

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from merge_helpers import (
     dict_rows_set,
+    leftover_state,
     oracle,
     read_dataset,
     row_set,
@@ -102,9 +103,7 @@ def test_a_waiting_writer_runs_after_the_first_never_interleaved(tmp_path: Path)
     after_a, _ = oracle(rows_of(target_table, cols), rows_of(a, cols), "upsert", ["id"])
     after_b, _ = oracle(after_a, rows_of(b, cols), "upsert", ["id"])
     assert row_set(read_dataset(target)) == dict_rows_set(after_b, cols)
-    assert not [
-        p for p in (target / "_memsafe").rglob("*") if p.name != "log" and p.parent.name != "log"
-    ]
+    assert leftover_state(target) == []
 
 
 @pytest.mark.slow
@@ -154,9 +153,7 @@ def test_a_lock_held_on_another_host_blocks_until_broken(tmp_path: Path) -> None
         recover(FS, str(target), lock_timeout_s=0.1)
     report = recover(FS, str(target), break_lock=True)
     assert report.lock_broken
-    assert not [
-        p for p in (target / "_memsafe").rglob("*") if p.name != "log" and p.parent.name != "log"
-    ]
+    assert leftover_state(target) == []
     assert merge_dataset(
         str(b_path), str(target), fs=FS, key_columns=["id"], merge_min_system_available_mb=0
     ).committed
@@ -178,9 +175,7 @@ def test_transaction_api_used_by_the_writers(tmp_path: Path) -> None:
     assert not old.exists() and Path(txn.added[0]).exists()
     assert sorted(read_dataset(target).column("id").to_pylist()) == [2, 3]
     assert pending_commits(FS, str(target)) == []
-    assert not [
-        p for p in (target / "_memsafe").rglob("*") if p.name != "log" and p.parent.name != "log"
-    ]
+    assert leftover_state(target) == []
     # An uncommitted transaction leaves nothing at all.
     before = snapshot(target)
     with (

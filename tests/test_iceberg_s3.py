@@ -7,7 +7,6 @@ snapshot, deletes its objects when it fails, and the orphan sweep works on objec
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from iceberg_helpers import check_metadata_complete, create_table, make_catalog, scan
 from merge_helpers import dict_rows_set, oracle, row_set, rows_of
+from s3_helpers import LockedMotoServer
 
 from memsafe_dagster.datasets import merge_iceberg
 from memsafe_dagster.datasets.iceberg import iceberg_dataset, remove_orphan_files
 from memsafe_dagster.datasets.iceberg.storage import TableStorage
 
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
 requests = pytest.importorskip("requests")
 
 BUCKET = "iceberg-bucket"
@@ -31,34 +30,6 @@ FILE_IOS = {
     "pyarrow": "pyiceberg.io.pyarrow.PyArrowFileIO",
     "fsspec": "pyiceberg.io.fsspec.FsspecFileIO",
 }
-
-
-class _Serialized:
-    """One request at a time: stock moto's conditional writes race under its threaded server."""
-
-    def __init__(self, app) -> None:
-        self.app, self.lock = app, threading.Lock()
-
-    def __call__(self, environ, start_response):
-        with self.lock:
-            return list(self.app(environ, start_response))
-
-
-class LockedMotoServer(moto_server.ThreadedMotoServer):
-    def _server_entry(self) -> None:
-        from moto.moto_server.werkzeug_app import (
-            DomainDispatcherApplication,
-            MotoRequestHandler,
-            create_backend_app,
-        )
-        from werkzeug.serving import make_server
-
-        app = _Serialized(DomainDispatcherApplication(create_backend_app))
-        self._server = make_server(
-            self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
-        )
-        self._server_ready_event.set()
-        self._server.serve_forever()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from merge_helpers import child_env, data_files, merge_argv, read_dataset, start_merge, write_files
+from merge_helpers import (
+    child_env,
+    data_files,
+    leftover_state,
+    merge_argv,
+    read_dataset,
+    start_merge,
+    write_files,
+)
 
 from memsafe_dagster.datasets.commit import CRASH_POINTS, pending_commits, recover
 from memsafe_dagster.datasets.merge import merge_dataset
@@ -89,9 +97,7 @@ def _fresh_copy(data: dict, name: str) -> Path:
 
 
 def _clean(directory: Path) -> None:
-    assert not [
-        p for p in (directory / "_memsafe").rglob("*") if p.name != "log" and p.parent.name != "log"
-    ], list((directory / "_memsafe").rglob("*"))
+    assert leftover_state(directory) == []
     assert pending_commits(FS, str(directory)) == []
 
 

@@ -20,6 +20,7 @@ from merge_helpers import (
     OracleDuplicate,
     data_files,
     dict_rows_set,
+    leftover_state,
     oracle,
     read_dataset,
     row_set,
@@ -139,7 +140,7 @@ def _run_case(case: dict, root: Path, fs: fsspec.AbstractFileSystem, target: str
     assert result.source_count == len(case["source"])
     assert result.target_count_after == got.num_rows
     assert result.target_count_before == (len(case["target"]) if case["files"] else 0)
-    assert not fs.exists(f"{target}/_memsafe"), "state directory left behind"
+    assert leftover_state(target, fs) == [], "state left behind"
 
 
 @settings(
