@@ -150,11 +150,14 @@ class MergeGuard(WindowPeaks):
 
     def _advice(self) -> str:
         """What to change: smaller chunks cannot help when the process was already near its
-        budget before the merge read anything, or when PyArrow (the data) held little of it."""
+        budget before the merge read anything, or sat past half of it while PyArrow held little."""
         budget_mb = self.monitor.max_process_memory_mb
         start_mb = self.start_rss / 2**20
         data_mb = self.window.peak_pyarrow_mb if self.window is not None else 0.0
-        if budget_mb and (start_mb >= 0.75 * budget_mb or data_mb < 0.25 * budget_mb):
+        if budget_mb and (
+            start_mb >= 0.75 * budget_mb
+            or (start_mb >= 0.5 * budget_mb and data_mb < 0.25 * budget_mb)
+        ):
             # The merge's own need is at least what pushed it over; leave it twice that.
             need_mb = max(data_mb, budget_mb - start_mb, 32.0)
             fits_mb = math.ceil((start_mb + 2 * need_mb) / 64) * 64
