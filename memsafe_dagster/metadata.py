@@ -324,41 +324,33 @@ class Breach:
 def breach_list(monitor: MemoryMonitor, reading: MemoryReading) -> list[Breach]:
     """The signals of ``reading`` at EMERGENCY, process RSS first (it is what the kernel and
     the kubelet count), then PyArrow, then the container's available memory."""
+    available = reading.available_bytes
+    # (budget name, its value, the reading, over when, how the signal reads)
+    signals = (
+        (
+            "max_process_memory_mb",
+            monitor.max_process_memory_mb,
+            reading.rss_bytes,
+            ">=",
+            "process RSS",
+        ),
+        (
+            "max_pyarrow_mb",
+            monitor.max_pyarrow_mb,
+            reading.pyarrow_bytes,
+            ">=",
+            "PyArrow allocation",
+        ),
+        ("min_system_available_mb", monitor.min_system_available_mb, available, "<", "available"),
+    )
     found = []
-    rss_mb = reading.rss_bytes / MiB
-    if monitor.max_process_memory_mb and rss_mb >= monitor.max_process_memory_mb:
-        found.append(
-            Breach(
-                "max_process_memory_mb",
-                float(monitor.max_process_memory_mb),
-                rss_mb,
-                f"process RSS {rss_mb:.1f} MB >= max_process_memory_mb "
-                f"{monitor.max_process_memory_mb:g}",
-            )
-        )
-    pyarrow_mb = reading.pyarrow_bytes / MiB
-    if monitor.max_pyarrow_mb and pyarrow_mb >= monitor.max_pyarrow_mb:
-        found.append(
-            Breach(
-                "max_pyarrow_mb",
-                float(monitor.max_pyarrow_mb),
-                pyarrow_mb,
-                f"PyArrow allocation {pyarrow_mb:.1f} MB >= max_pyarrow_mb "
-                f"{monitor.max_pyarrow_mb:g}",
-            )
-        )
-    if reading.available_bytes is not None and monitor.min_system_available_mb:
-        available_mb = reading.available_bytes / MiB
-        if available_mb < monitor.min_system_available_mb:
-            found.append(
-                Breach(
-                    "min_system_available_mb",
-                    float(monitor.min_system_available_mb),
-                    available_mb,
-                    f"available {available_mb:.1f} MB < min_system_available_mb "
-                    f"{monitor.min_system_available_mb:g}",
-                )
-            )
+    for budget, budget_mb, value, over, what in signals:
+        if not budget_mb or value is None:
+            continue
+        value_mb = value / MiB
+        if value_mb >= budget_mb if over == ">=" else value_mb < budget_mb:
+            text = f"{what} {value_mb:.1f} MB {over} {budget} {budget_mb:g}"
+            found.append(Breach(budget, float(budget_mb), value_mb, text))
     return found
 
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,30 +81,51 @@ def _default_sigint() -> None:
 
 @contextmanager
 def dg_dev(cwd: Path, env: dict[str, str], log: Path, timeout_s: float = 180) -> Iterator[str]:
-    """`dg dev` in ``cwd`` on a free loopback port; yields its base URL; stopped by its PID
-    (SIGINT, then SIGTERM, then its process group), whatever happened."""
+    """`dg dev` in ``cwd`` on a free loopback port; yields its base URL (see ``serving``)."""
+    with serving(
+        lambda port: [str(BIN / "dg"), "dev", "--host", "127.0.0.1", "--port", str(port)],
+        cwd,
+        {**env, "DAGSTER_DG_UPDATE_CHECK_ENABLED": "0"},
+        log,
+        timeout_s,
+    ) as base:
+        yield base
+
+
+@contextmanager
+def serving(
+    command: Callable[[int], list[str]],
+    cwd: Path,
+    env: dict[str, str],
+    log: Path,
+    timeout_s: float = 180,
+) -> Iterator[str]:
+    """A Dagster web server (``command(port)``: `dg dev`, `dagster-webserver`) on a free
+    loopback port; yields its base URL once /server_info answers; stopped by its PID (SIGINT,
+    then SIGTERM, then its process group), whatever happened."""
     port = free_port()
     out = log.open("wb")
     proc = subprocess.Popen(
-        [str(BIN / "dg"), "dev", "--host", "127.0.0.1", "--port", str(port)],
+        command(port),
         cwd=cwd,
-        env={**env, "DAGSTER_DG_UPDATE_CHECK_ENABLED": "0"},
+        env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
         preexec_fn=_default_sigint,
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
+    name = command(port)[0].rsplit("/", 1)[-1]
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            assert proc.poll() is None, f"dg dev exited:\n{log.read_text(errors='replace')[-4000:]}"
+            assert proc.poll() is None, f"{name} exited:\n{log.read_text(errors='replace')[-4000:]}"
             try:
                 if requests.get(f"{base}/server_info", timeout=5).status_code == 200:
                     break
             except requests.RequestException:
                 pass
-            assert time.monotonic() < deadline, f"dg dev not up:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"{name} not up:\n{log.read_text()[-4000:]}"
             time.sleep(0.5)
         yield base
     finally:

@@ -80,3 +80,19 @@ def numbers(n: int, *, start: int = 0) -> pa.Table:
             "name": pa.array([f"n{i % 7}" for i in range(start, start + n)]),
         }
     )
+
+
+def failure_context(instance: dg.DagsterInstance, run_id: str) -> dg.RunFailureSensorContext:
+    """The context a run-failure sensor gets for the failed run ``run_id``."""
+    run = instance.get_run_by_id(run_id)
+    failure = next(
+        e.dagster_event
+        for e in instance.all_logs(run_id)
+        if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
+    )
+    return dg.build_run_status_sensor_context(
+        sensor_name="memsafe_failure_sensor",
+        dagster_instance=instance,
+        dagster_run=run,
+        dagster_event=failure,
+    ).for_run_failure()

@@ -7,7 +7,6 @@ stopped by its PID (and its process group), and the test checks that none surviv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import psutil
 import pyarrow.dataset as ds
 import pytest
 import requests
+from browser_helpers import _default_sigint, free_port
 
 from memsafe_dagster.demo import data
 from memsafe_dagster.demo.run import ensure_dagster_home
@@ -27,18 +27,6 @@ DAGSTER = Path(sys.executable).parent / "dagster"
 LOCATION = "memsafe_demo"
 REPOSITORY = "__repository__"
 DAY = "2025-01-01"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def reset_sigint() -> None:
-    # A process started in the background from a script inherits SIGINT ignored; dagster dev
-    # only shuts its children down on SIGINT, so give it the default handler back.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class DagsterDev:
@@ -57,7 +45,7 @@ class DagsterDev:
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=reset_sigint,
+            preexec_fn=_default_sigint,
             start_new_session=True,
         )
         self.seen: dict[int, str] = {}

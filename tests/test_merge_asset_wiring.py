@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from test_sensors import failure_context
+from dagster_helpers import failure_context
 
 from memsafe_dagster import build_merge_asset
 from memsafe_dagster.datasets import ChunkStream

@@ -5,6 +5,7 @@ the relaunched run succeeds; evaluating again makes no duplicate; relaunches are
 
 import dagster as dg
 import pytest
+from dagster_helpers import failure_context
 from dagster_k8s.job import get_user_defined_k8s_config
 
 from memsafe_dagster import MemoryMonitorResource, build_memsafe_failure_sensor
@@ -59,21 +60,6 @@ def _defs(budget_mb: int) -> dg.Definitions:
     )
 
 
-def _failure_context(instance: dg.DagsterInstance, run_id: str):
-    run = instance.get_run_by_id(run_id)
-    failure = next(
-        e.dagster_event
-        for e in instance.all_logs(run_id)
-        if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
-    )
-    return dg.build_run_status_sensor_context(
-        sensor_name="memsafe_failure_sensor",
-        dagster_instance=instance,
-        dagster_run=run,
-        dagster_event=failure,
-    ).for_run_failure()
-
-
 def _launch(job: dg.JobDefinition, instance: dg.DagsterInstance, request: dg.RunRequest):
     """What the sensor daemon does with a request: a run of the job with its config and tags."""
     return job.execute_in_process(
@@ -102,7 +88,7 @@ def test_a_run_stopped_at_emergency_is_relaunched_with_more_memory_and_succeeds(
         assert user.description.startswith(md.FAILURE_PREFIX)
         assert f"max_process_memory_mb {budget}" in user.description
 
-        with _failure_context(instance, failed.run_id) as context:
+        with failure_context(instance, failed.run_id) as context:
             request = sensor(context)
         assert isinstance(request, dg.RunRequest), request
         assert request.asset_selection == [grows.key]
@@ -137,7 +123,7 @@ def test_a_run_stopped_at_emergency_is_relaunched_with_more_memory_and_succeeds(
 
         # A second evaluation of the same failure makes no duplicate.
         for _ in range(3):
-            with _failure_context(instance, failed.run_id) as context:
+            with failure_context(instance, failed.run_id) as context:
                 again = sensor(context)
             assert isinstance(again, dg.SkipReason), again
             assert "already exists" in again.skip_message
@@ -154,7 +140,7 @@ def test_relaunches_are_bounded_per_original_run() -> None:
         run_id, attempts = original.run_id, []
         limits = []
         for _ in range(4):
-            with _failure_context(instance, run_id) as context:
+            with failure_context(instance, run_id) as context:
                 answer = sensor(context)
             if not isinstance(answer, dg.RunRequest):
                 assert "already relaunched 2 time(s)" in answer.skip_message
@@ -218,7 +204,7 @@ def test_an_oom_killed_step_is_relaunched_with_a_raised_limit() -> None:
         sensor = build_memsafe_failure_sensor(
             relaunch=True, relaunch_jobs=[dg.define_asset_job("killed_job")]
         )
-        with _failure_context(instance, result.run_id) as context:
+        with failure_context(instance, result.run_id) as context:
             request = sensor(context)
         assert isinstance(request, dg.RunRequest), request
         assert request.tags[RELAUNCH_CAUSE_TAG].startswith("OOM-killed: step killed_by_the_kernel")
@@ -231,7 +217,7 @@ def test_an_oom_killed_step_is_relaunched_with_a_raised_limit() -> None:
         assert "resources" not in request.run_config  # no memsafe budget bound
         # Without a limit on the run nothing says how much more to ask for: no relaunch.
         bare = dg.execute_job(job, instance=instance, raise_on_error=False)
-        with _failure_context(instance, bare.run_id) as context:
+        with failure_context(instance, bare.run_id) as context:
             skipped = sensor(context)
         assert isinstance(skipped, dg.SkipReason)
         assert "limit the step died under is unknown" in skipped.skip_message

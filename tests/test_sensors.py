@@ -7,6 +7,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from dagster_helpers import failure_context
 
 from memsafe_dagster.memory import MemoryMonitor, MemoryPressureLevel
 from memsafe_dagster.sensors import (
@@ -179,21 +180,6 @@ def stopped_by_memsafe() -> None:
 @dg.asset
 def ordinary_bug() -> None:
     raise KeyError("not a memory problem")
-
-
-def failure_context(instance: dg.DagsterInstance, run_id: str) -> dg.RunFailureSensorContext:
-    run = instance.get_run_by_id(run_id)
-    failure = next(
-        e.dagster_event
-        for e in instance.all_logs(run_id)
-        if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
-    )
-    return dg.build_run_status_sensor_context(
-        sensor_name="memsafe_failure_sensor",
-        dagster_instance=instance,
-        dagster_run=run,
-        dagster_event=failure,
-    ).for_run_failure()
 
 
 def test_memsafe_failure_is_diagnosed_and_the_run_tagged() -> None:
