@@ -31,6 +31,7 @@ from memsafe_dagster.datasets.filesystem import (
     resolve_filesystem,
 )
 from memsafe_dagster.datasets.keys import KeyCodec, mix, normalize_key_columns
+from memsafe_dagster.datasets.reader import iter_file_batches, open_parquet
 from memsafe_dagster.memory.sizes import MiB
 
 # Bytes of memory per byte of key data while grouping (the hash table and the counts).
@@ -182,8 +183,7 @@ def _key_chunks(
 ) -> Iterator[pa.Table]:
     for f in files:
         with afs.open_input_file(f) as fh:
-            pf = pq.ParquetFile(fh, pre_buffer=False)
-            for batch in pf.iter_batches(batch_size=chunk_size_rows, columns=keys):
+            for batch in iter_file_batches(open_parquet(fh), chunk_size_rows, columns=keys):
                 if on_chunk is not None:
                     on_chunk()
                 yield pa.Table.from_batches([batch]).select(keys)
