@@ -9,7 +9,9 @@ RSS comes from the OS (the kernel's high-water mark, VmHWM, of the child and its
 and every output is verified. A run that crashes is
 reported as "error" with its last stderr line, one the kernel kills as "OOM-killed", one that
 exceeds its time bound as "timed out"; after a failed run a contender is not repeated in that
-scenario. Results go to ``benchmarks/results/<suite>.json`` and ``.md``.
+scenario. Results go to ``benchmarks/results/<suite>.json`` and ``.md``. Contenders on S3 get
+a loopback moto server (``benchmarks.s3 --serve``) in a process of its own, started only when
+one of them is selected.
 
 The runner itself stays small: data generation and verification run in a helper process, so
 the machine's memory is the contenders' (the runner's own peak is recorded as
@@ -81,8 +83,8 @@ class Contender:
 _S3_SCENARIOS = ("1m", "1m-cap", "10m", "10m-cap")
 CONTENDERS = (
     Contender("memsafe"),
-    # The same upsert with target and source on a loopback S3 server: the 10M/1M scenarios of
-    # the full suite, the 1M/100k ones of the quick suite, each also under the 512 MB cap.
+    # The same upsert into a target on a loopback S3 server: the 10M/1M scenarios of the full
+    # suite, the 1M/100k ones of the quick suite, each also under the 512 MB cap.
     Contender("memsafe_s3", scenarios=_S3_SCENARIOS, s3=True),
     # ... with s3fs's file buffers and read-ahead blocks at 5 MB instead of 50 MB.
     Contender(
