@@ -9,7 +9,9 @@ RSS comes from the OS (the kernel's high-water mark, VmHWM, of the child and its
 and every output is verified. A run that crashes is
 reported as "error" with its last stderr line, one the kernel kills as "OOM-killed", one that
 exceeds its time bound as "timed out"; after a failed run a contender is not repeated in that
-scenario. Results go to ``benchmarks/results/<suite>.json`` and ``.md``.
+scenario. Results go to ``benchmarks/results/<suite>.json`` and ``.md``. Contenders on S3 get
+a loopback moto server (``benchmarks.s3 --serve``) in a process of its own, started only when
+one of them is selected.
 
 The runner itself stays small: data generation and verification run in a helper process, so
 the machine's memory is the contenders' (the runner's own peak is recorded as
@@ -19,6 +21,7 @@ the machine's memory is the contenders' (the runner's own peak is recorded as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -26,9 +29,10 @@ import platform
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -37,6 +41,7 @@ from typing import Any
 
 from benchmarks.contenders._common import PHASE_MARKER, RESULT_MARKER, OutputFormat
 from benchmarks.datagen import DEFAULT_DATA_DIR, DatasetSpec, GeneratedData, ensure_dataset
+from benchmarks.s3 import AWS_ENV, ENDPOINT_ENV, ENDPOINT_MARKER
 from benchmarks.scenarios_bytes import bytes_scenarios
 from memsafe_dagster.memory import psutil
 from memsafe_dagster.memory.cgroup_cap import CappedRun, MemoryCap, run_capped, run_measured
@@ -66,10 +71,29 @@ class Contender:
     output_format: OutputFormat = "parquet"
     merges: bool = True  # False for the floor, whose output is a copy of the target
     bounded: bool = False  # known to be very slow: run under the suite's short time bound
+    scenarios: tuple[str, ...] | None = None  # the scenario keys it runs in (None: all)
+    s3: bool = False  # reads and writes the loopback S3 server (``benchmarks.s3 --serve``)
+    module: str | None = None  # benchmarks.contenders.<module> (default: the name)
+    args: tuple[str, ...] = ()  # extra command-line arguments
+
+    def runs_in(self, scenario: Scenario) -> bool:
+        return self.scenarios is None or scenario.key in self.scenarios
 
 
+_S3_SCENARIOS = ("1m", "1m-cap", "10m", "10m-cap")
 CONTENDERS = (
     Contender("memsafe"),
+    # The same upsert into a target on a loopback S3 server: the 10M/1M scenarios of the full
+    # suite, the 1M/100k ones of the quick suite, each also under the 512 MB cap.
+    Contender("memsafe_s3", scenarios=_S3_SCENARIOS, s3=True),
+    # ... with s3fs's file buffers and read-ahead blocks at 5 MB instead of 50 MB.
+    Contender(
+        "memsafe_s3_5mb_blocks",
+        scenarios=_S3_SCENARIOS,
+        s3=True,
+        module="memsafe_s3",
+        args=("--block-size-mb", "5"),
+    ),
     Contender("duckdb_512"),
     Contender("duckdb"),
     Contender("delta", output_format="delta"),
@@ -238,13 +262,14 @@ def run_contender_once(
     argv = [
         sys.executable,
         "-m",
-        f"benchmarks.contenders.{contender.name}",
+        f"benchmarks.contenders.{contender.module or contender.name}",
         "--target",
         str(data.target),
         "--source",
         str(data.source),
         "--out",
         str(out),
+        *contender.args,
     ]
     run = _execute(argv, scenario.cap, timeout_s)
     status, report, error = _judge(run, timeout_s)
@@ -266,6 +291,44 @@ def run_contender_once(
         ).result()
     shutil.rmtree(out, ignore_errors=True)
     return record
+
+
+@contextlib.contextmanager
+def s3_server(log: Callable[[str], None]) -> Iterator[str]:
+    """A loopback S3 server in a process of its own; its endpoint and the fake credentials are
+    in this process's environment (which the contenders inherit) while it runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.s3", "--serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # one access-log line per request
+        cwd=REPO_ROOT,
+        text=True,
+    )
+    saved = {k: os.environ.get(k) for k in (*AWS_ENV, ENDPOINT_ENV)}
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith(ENDPOINT_MARKER):
+            raise RuntimeError(f"the S3 server did not start (printed {line!r})")
+        endpoint = line[len(ENDPOINT_MARKER) :].strip()
+        os.environ.update({**AWS_ENV, ENDPOINT_ENV: endpoint})
+        log(f"[s3] loopback S3 server (moto) at {endpoint}, pid {proc.pid}")
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # -- aggregation --------------------------------------------------------------------------------
@@ -408,6 +471,8 @@ def machine_info() -> dict[str, Any]:
         "polars",
         "fsspeckit",
         "pyiceberg",
+        "s3fs",
+        "moto",
     ):
         try:
             versions[dist] = metadata.version(dist)
@@ -565,7 +630,59 @@ def _notes(suite: Suite, contenders: list[Contender], repeat: int | None) -> lis
         for c in contenders
         if c.bounded
     ]
+    keys = {s.key for s in suite.scenarios}
+    notes += [
+        f"{c.name} runs the memsafe upsert into a target in a bucket of a loopback S3 server "
+        "(moto's ThreadedMotoServer on 127.0.0.1, in a process of its own outside any cap; the "
+        "source stays on local disk); the untimed upload before and download after the merge "
+        "stream file by file and count in its peak RSS"
+        + (f"; arguments {' '.join(c.args)}" if c.args else "")
+        + ". It runs only in: "
+        + ", ".join(s.name for s in suite.scenarios if s.key in (c.scenarios or keys))
+        + "."
+        for c in contenders
+        if c.s3 and any(k in keys for k in (c.scenarios or keys))
+    ]
     return notes
+
+
+def _run_scenario(
+    suite: Suite,
+    scenario: Scenario,
+    contenders: list[Contender],
+    data_dir: Path,
+    work: Path,
+    repeat: int | None,
+    cap_problem: str | None,
+    helper: Executor,
+    log: Callable[[str], None],
+) -> list[ContenderResult]:
+    """Every contender's runs in one scenario."""
+    log(f"[{scenario.name}] preparing data {scenario.spec.name}")
+    data = helper.submit(ensure_dataset, scenario.spec, data_dir).result()
+    runs = repeat or (suite.capped_repeat if scenario.cap else suite.repeat)
+    results = []
+    for contender in contenders:
+        result = ContenderResult(contender.name, scenario.name, scenario.cap, [])
+        results.append(result)
+        if scenario.cap is not None and cap_problem is not None:
+            result.skipped_reason = f"no cgroup cap: {cap_problem}"
+            continue
+        timeout = suite.bounded_timeout_s if contender.bounded else suite.timeout_s
+        for i in range(runs):
+            out = work / f"{scenario.spec.name}-{contender.name}-{i}"
+            record = run_contender_once(contender, scenario, data, out, timeout, helper)
+            result.runs.append(record)
+            log(
+                f"[{scenario.name}] {contender.name} run {i + 1}/{runs}: {record.status} "
+                f"merge {_fmt(record.merge_s)} s, process {record.process_s:.2f} s, "
+                f"peak RSS {record.peak_rss_mb:.0f} MB"
+                + (f", verified: {record.verify_detail}" if record.verify_detail else "")
+                + (f" ({record.error})" if record.error else "")
+            )
+            if record.status != COMPLETED:
+                break
+    return results
 
 
 def run_suite(
@@ -587,30 +704,14 @@ def run_suite(
     cap_problem = MemoryCap.unavailable_reason()
     contenders = [c for c in CONTENDERS if only is None or c.name in only]
     merge_results = []
-    for scenario in suite.scenarios if contenders else ():
-        log(f"[{scenario.name}] preparing data {scenario.spec.name}")
-        data = helper.submit(ensure_dataset, scenario.spec, data_dir).result()
-        runs = repeat or (suite.capped_repeat if scenario.cap else suite.repeat)
-        for contender in contenders:
-            result = ContenderResult(contender.name, scenario.name, scenario.cap, [])
-            merge_results.append(result)
-            if scenario.cap is not None and cap_problem is not None:
-                result.skipped_reason = f"no cgroup cap: {cap_problem}"
-                continue
-            timeout = suite.bounded_timeout_s if contender.bounded else suite.timeout_s
-            for i in range(runs):
-                out = work / f"{scenario.spec.name}-{contender.name}-{i}"
-                record = run_contender_once(contender, scenario, data, out, timeout, helper)
-                result.runs.append(record)
-                log(
-                    f"[{scenario.name}] {contender.name} run {i + 1}/{runs}: {record.status} "
-                    f"merge {_fmt(record.merge_s)} s, process {record.process_s:.2f} s, "
-                    f"peak RSS {record.peak_rss_mb:.0f} MB"
-                    + (f", verified: {record.verify_detail}" if record.verify_detail else "")
-                    + (f" ({record.error})" if record.error else "")
+    needs_s3 = any(c.s3 and c.runs_in(s) for c in contenders for s in suite.scenarios)
+    with s3_server(log) if needs_s3 else contextlib.nullcontext():
+        for scenario in suite.scenarios:
+            present = [c for c in contenders if c.runs_in(scenario)]
+            if present:
+                merge_results += _run_scenario(
+                    suite, scenario, present, data_dir, work, repeat, cap_problem, helper, log
                 )
-                if record.status != COMPLETED:
-                    break
     micro: list[MicroResult] = []
     if only is None or MICRO in only:
         data = helper.submit(ensure_dataset, suite.micro_spec, data_dir).result()

@@ -1,10 +1,11 @@
 """What every contender shares: its command line, the untimed copy, the timed merge, the report.
 
 A contender module defines ``merge(args) -> dict`` (the timed upsert, returning details to
-report) and optionally ``prepare(args)`` (untimed work such as copying a target it mutates),
-then calls :func:`run_contender`. The last stdout line starting with :data:`RESULT_MARKER`
-carries the JSON report the runner reads; :data:`PHASE_MARKER` lines say which phase is running,
-so a run killed midway can be blamed on the right one.
+report), optionally ``prepare(args)`` (untimed work such as copying a target it mutates) and
+``finish(args)`` (untimed work after the merge, such as bringing a remote output to ``--out``
+for verification), then calls :func:`run_contender`. The last stdout line starting with
+:data:`RESULT_MARKER` carries the JSON report the runner reads; :data:`PHASE_MARKER` lines say
+which phase is running, so a run killed midway can be blamed on the right one.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def run_contender(
     merge: Merge,
     *,
     prepare: Prepare | None = None,
+    finish: Prepare | None = None,
     add_arguments: AddArguments | None = None,
     output_format: OutputFormat = "parquet",
     argv: list[str] | None = None,
 ) -> None:
-    """Parse the common arguments, prepare (untimed), time ``merge`` and print the report."""
+    """Parse the common arguments, prepare (untimed), time ``merge``, finish (untimed) and print
+    the report."""
     parser = argparse.ArgumentParser(prog=f"benchmarks.contenders.{name}")
     parser.add_argument("--target", type=Path, required=True, help="target Parquet directory")
     parser.add_argument("--source", type=Path, required=True, help="source Parquet directory")
@@ -71,6 +74,9 @@ def run_contender(
     started = time.perf_counter()
     details = merge(args)
     merge_s = time.perf_counter() - started
+    if finish is not None:
+        print(PHASE_MARKER + "finish", flush=True)
+        finish(args)
     report = {
         "contender": name,
         "merge_s": round(merge_s, 4),

@@ -14,18 +14,20 @@ from benchmarks.contenders._common import KEY, copy_target, run_contender
 from memsafe_dagster.datasets import PyarrowDatasetIO
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory-mb", type=float, default=256, help="PyArrow budget")
     parser.add_argument("--max-process-memory-mb", type=float, default=384, help="RSS budget")
     parser.add_argument("--min-available-mb", type=float, default=64)
     parser.add_argument("--chunk-rows", type=int, default=100_000)
 
 
-def merge(args: argparse.Namespace) -> dict[str, Any]:
-    """The timed merge; the details are the engine's own ``MergeResult``."""
-    result = PyarrowDatasetIO().merge(
-        data=str(args.source),
-        path=str(args.out),
+def upsert(
+    args: argparse.Namespace, source: str, target: str, storage_options: dict | None = None
+) -> dict[str, Any]:
+    """Upsert ``source`` into ``target`` with the command line's memory parameters."""
+    result = PyarrowDatasetIO(storage_options=storage_options).merge(
+        data=source,
+        path=target,
         strategy="upsert",
         key_columns=[KEY],
         merge_max_memory_mb=args.max_memory_mb,
@@ -36,5 +38,10 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     return result.to_dict()
 
 
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """The timed merge; the details are the engine's own ``MergeResult``."""
+    return upsert(args, str(args.source), str(args.out))
+
+
 if __name__ == "__main__":
-    run_contender("memsafe", merge, prepare=copy_target, add_arguments=_add_arguments)
+    run_contender("memsafe", merge, prepare=copy_target, add_arguments=add_arguments)
