@@ -787,13 +787,14 @@ def clean_history(
     target: str,
     *,
     retention: float | None = None,
-    keep_versions: int = LOG_KEEP_VERSIONS,
+    keep_versions: int | None = None,
     now: float | None = None,
 ) -> tuple[list[int], list[int]]:
     """Delete trash older than ``retention`` and log entries both older than it and more than
     ``keep_versions`` behind the latest (kept always); returns the (trash, log) versions
     deleted. The caller holds the lock. An entry's age is its listed modification time."""
     retention = retention_s() if retention is None else retention
+    keep_versions = LOG_KEEP_VERSIONS if keep_versions is None else keep_versions
     now = time.time() if now is None else now
     entries = _versioned(fs, join(target, STATE_DIR, LOG_DIR), detail=True)
     latest = max(entries, default=0)
