@@ -307,10 +307,8 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
 
     def _load(self, context: InputContext, kind: str, snapshots: list[Snapshot]) -> Any:
         """The snapshots' files as one dataset, opened where each file is now."""
-        if not snapshots:
-            return None
         files = [f for snap in snapshots for f in snap.files]
-        afs = snapshot_filesystem(snapshots[0].fs, snapshots)
+        afs = snapshot_filesystem(snapshots[0].fs, snapshots) if snapshots else None
         dataset = ds.dataset(files, filesystem=afs, format="parquet")
         return self._load_dataset(context, kind, dataset)
 

@@ -486,3 +486,17 @@ def test_an_open_file_moved_mid_read_is_reopened_on_s3(s3: Where) -> None:
 
 def test_kill_9_mid_apply_then_read_without_recovery_on_s3(s3: Where) -> None:
     _kill_mid_apply(s3, ("commit-moved-one", "commit-removed-one"))
+
+
+def test_history_cleanup_on_s3(s3: Where, monkeypatch: pytest.MonkeyPatch) -> None:
+    log_dir, trash = f"{s3.path}/_memsafe/log", f"{s3.path}/_memsafe/trash"
+    s3.io.merge(_table(_merge_keys(1), 1), s3.url, "upsert", "k", **ROOM)
+    assert len(s3.fs.ls(log_dir)) == 2 and len(s3.fs.find(trash)) == 8  # kept: young
+    monkeypatch.setattr(commit, "LOG_KEEP_VERSIONS", 1)
+    monkeypatch.setenv(commit.RETENTION_ENV, "0")
+    for i in (2, 3):
+        s3.io.merge(_table(_merge_keys(i), i), s3.url, "upsert", "k", **ROOM)
+    names = sorted(p.rsplit("/", 1)[-1] for p in s3.fs.ls(log_dir))
+    assert names == [f"{3:012d}.json", f"{4:012d}.json"]
+    assert not s3.fs.find(trash)
+    assert _states(3).get(_fingerprint(s3.io.read(s3.url))) == 3

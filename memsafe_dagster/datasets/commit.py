@@ -31,9 +31,9 @@ into what it lists, so a half-applied commit already reads as after.
 
 The fence stays sound although old log entries are deleted: just before its exclusive create
 a writer checks that the latest version is still its base (one listing), and an entry is only
-deleted once a newer one exists and it is older than the retention; a version that was free
-when checked can therefore not have been deleted by the time of the create, short of a stall
-longer than the retention between the two.
+deleted once it is ``LOG_KEEP_VERSIONS`` behind the latest and older than the retention. A
+version that did not exist at the check cannot have been created and deleted again by the
+time of the create, short of a stall longer than the retention between the two.
 
 The lock is a lease: its holder (host, pid, token) and an expiry that a thread renews while
 the holder works. A lock whose lease expired is broken automatically with a warning, from any
@@ -42,9 +42,11 @@ from wasting work: correctness rests on the exclusive create of step 4 (the fenc
 filesystem with no exclusive create (anything but local disks and s3fs) the log entry is
 written check-then-write and a warning names the risk: run one writer at a time there.
 
-Final names are always new (``part-<txn>-NNNNN.parquet``), so a
-replayed move can never clobber live data. Empty state directories are removed when a
-transaction ends, so a failed first write leaves the target exactly as it was.
+Final names are new (``part-<txn>-NNNNN.parquet``), so a replayed move can never clobber live
+data; a write that reuses names (``part-NNNNN.parquet`` of a replacing writer) moves the old
+file to the trash before the new one takes its name, and a replay moves only what is still
+staged. Empty state directories are removed when a transaction ends, so a failed first write
+leaves the target exactly as it was.
 
 Tests kill the writer at each step: with ``MEMSAFE_CRASH_AT=<step>`` in the environment the
 process SIGKILLs itself when it reaches that step (``crash_point``; steps are listed in

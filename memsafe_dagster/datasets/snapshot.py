@@ -8,8 +8,8 @@ no lock and no write access:
 
 1. **Consistent listing.** Read the latest log version V1, the pending commit records, the
    data files, then the latest version V2. When V1 == V2 no commit point passed during the
-   listing, so it is the state of version V1 except for a commit of version <= V1 still being
-   applied (its record exists, its log entry names its txn): that record is folded in, files
+   listing, so it is the state of version V1 unless the commit of V1 is still being applied
+   (its record exists, its log entry names its txn): that record is folded in, files
    = listing + its final adds - its removes, so a writer mid-apply (or killed mid-apply) reads
    as after. A record whose log entry is missing or names another txn never committed and is
    ignored. When V1 != V2 the listing is retried with a short backoff, for ``timeout_s`` at
@@ -150,8 +150,9 @@ def is_local_arrow(filesystem: object) -> bool:
 def _committed_records(
     fs: fsspec.AbstractFileSystem, target: str, version: int
 ) -> list[commit.CommitRecord]:
-    """Records of commits at or below ``version`` not yet fully applied (their log entry names
-    them), plus legacy records without a version (rolled forward by recovery)."""
+    """Records of the commit of ``version`` if it is not fully applied yet (its log entry names
+    it), plus legacy records without a version (rolled forward by recovery). An older record
+    is never pending: the writer of any later version recovered it before committing."""
     directory = join(target, commit.STATE_DIR, "commits")
     fs.invalidate_cache(directory)
     try:
@@ -168,7 +169,7 @@ def _committed_records(
             continue  # applied and deleted since the listing: the data listing shows it
         if record.log_version is None:
             records.append(record)
-        elif record.log_version <= version:
+        elif record.log_version == version:
             entry = commit._log_entry(fs, target, record.log_version)
             if entry.get("txn") == record.txn:
                 records.append(record)
