@@ -299,6 +299,33 @@ def test_the_io_manager_loads_a_snapshot(tmp_path: Path) -> None:
     assert commit.pending_commits(where.fs, url)  # loading recovered nothing
 
 
+def test_a_commit_landing_during_the_listing_is_listed_again(
+    local: Where, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Deterministically inside the window: after the snapshot read the version and the
+    # records, a writer commits and dies half-way through applying; the data listing then
+    # holds old and new files, and only the second read of the version tells.
+    real = snapshot_module._committed_records
+    calls: list[int] = []
+
+    def records_then_a_commit(fs, target, version):
+        records = real(fs, target, version)
+        if not calls:
+            child = CTX.Process(target=_crash_merge, args=(local.url, None, "commit-moved-one"))
+            child.start()
+            child.join(60)
+            assert child.exitcode == -signal.SIGKILL
+        calls.append(version)
+        return records
+
+    monkeypatch.setattr(snapshot_module, "_committed_records", records_then_a_commit)
+    snap = snapshot_module.snapshot(local.fs, local.path)
+    read = ds.dataset(list(snap.files), filesystem=snap.arrow_filesystem()).to_table()
+    assert states_of(read) == 1
+    assert calls == [1, 2] and snap.attempts == 2 and snap.version == 2
+    assert states_of(local.plain_dataset().to_table()) is None  # control: the listing is torn
+
+
 def states_of(table: pa.Table) -> int | None:
     return _states(1).get(_fingerprint(table))
 
