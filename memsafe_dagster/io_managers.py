@@ -55,8 +55,8 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from memsafe_dagster import metadata as md
 from memsafe_dagster.datasets.chunks import process_in_chunks
-from memsafe_dagster.datasets.filesystem import arrow_filesystem, list_data_files
 from memsafe_dagster.datasets.parquet import check_compression
+from memsafe_dagster.datasets.snapshot import Snapshot, snapshot, snapshot_filesystem
 from memsafe_dagster.datasets.source import is_tabular
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.datasets.writer import ChunkedParquetWriter
@@ -256,13 +256,11 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         allow_missing = bool(
             (context.definition_metadata or {}).get("allow_missing_partitions", False)
         )
-        found: dict[str, list[str]] = {}
-        fs = None
+        found: dict[str, Snapshot] = {}
         for key in keys:
             path = paths[key]
-            fs = path.fs
-            files = list_data_files(fs, path.path)
-            if not files:
+            snap = snapshot(path.fs, path.path)  # before or after a concurrent commit
+            if not snap.files:
                 if allow_missing:
                     context.log.warning(self.get_missing_partition_log_message(key))
                     continue
@@ -270,17 +268,17 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
                     f"partition {key} of {_what(context)} has no data at {path}: "
                     "materialize it first (or set allow_missing_partitions in the input metadata)"
                 )
-            found[key] = files
+            found[key] = snap
         if as_dict:
-            return {key: self._load(context, kind, files, fs) for key, files in found.items()}
-        return self._load(context, kind, [f for files in found.values() for f in files], fs)
+            return {key: self._load(context, kind, [snap]) for key, snap in found.items()}
+        return self._load(context, kind, list(found.values()))
 
     def load_from_path(self, context: InputContext, path: Any) -> Any:
         kind, _ = resolve_annotation(context)
-        files = list_data_files(path.fs, path.path)
-        if not files:
+        snap = snapshot(path.fs, path.path)  # before or after a concurrent commit
+        if not snap.files:
             raise FileNotFoundError(f"{_what(context)} has no data at {path}: materialize it first")
-        return self._load(context, kind, files, path.fs)
+        return self._load(context, kind, [snap])
 
     def _load_iceberg(
         self,
@@ -307,8 +305,11 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         table = self.iceberg_catalog.load_table(identifier)
         return self._load_dataset(context, kind, iceberg_dataset(table, snapshot_id=snapshot_id))
 
-    def _load(self, context: InputContext, kind: str, files: list[str], fs: Any) -> Any:
-        dataset = ds.dataset(files, filesystem=arrow_filesystem(fs), format="parquet")
+    def _load(self, context: InputContext, kind: str, snapshots: list[Snapshot]) -> Any:
+        """The snapshots' files as one dataset, opened where each file is now."""
+        files = [f for snap in snapshots for f in snap.files]
+        afs = snapshot_filesystem(snapshots[0].fs, snapshots) if snapshots else None
+        dataset = ds.dataset(files, filesystem=afs, format="parquet")
         return self._load_dataset(context, kind, dataset)
 
     def _load_dataset(self, context: InputContext, kind: str, dataset: ds.Dataset) -> Any:

@@ -85,15 +85,17 @@ def snapshot(directory: str | Path) -> dict[str, bytes]:
 
 
 def leftover_state(directory: str | Path, fs: Any = None) -> list[str]:
-    """What a finished writer left under ``_memsafe`` besides the commit log (which is part of
-    the dataset and stays): staging, records or a lock would be listed here."""
+    """What a finished writer left under ``_memsafe`` besides the commit log and the trash
+    (the dataset's history, kept for readers within the retention): staging, records or a
+    lock would be listed here."""
     root = f"{str(directory).rstrip('/')}/_memsafe"
     if fs is None:
         here = Path(root)
         found = [str(p) for p in here.rglob("*") if p.is_file()] if here.exists() else []
     else:
         found = list(fs.find(root)) if fs.exists(root) else []
-    return [f for f in found if "/_memsafe/log/" not in f.replace("\\", "/")]
+    history = ("/_memsafe/log/", "/_memsafe/trash/")
+    return [f for f in found if not any(h in f.replace("\\", "/") for h in history)]
 
 
 def without_state(files: Any) -> list[str]:

@@ -213,12 +213,20 @@ def crash_after_commit_point(where: Where, name: str, rows: pa.Table) -> str:
     return txn.txn
 
 
-def test_reads_roll_a_crashed_commit_forward(io: PyarrowDatasetIO, where: Where) -> None:
+def test_reads_see_a_crashed_commit_as_applied_without_recovering(
+    io: PyarrowDatasetIO, where: Where
+) -> None:
     io.write_dataset(table(10), where("ds"))
     txn = crash_after_commit_point(where, "ds", table(5, 10))
     assert commit.pending_commits(where.fs, where.p("ds")) == [txn]
+    # control: the files at their final names are still the state before
+    plain = [p for p in where.fs.find(where.p("ds")) if "_memsafe" not in p]
+    assert sum(pq.ParquetFile(where.fs.open(p)).metadata.num_rows for p in plain) == 10
     assert io.read(where("ds")).column("id").to_pylist() == list(range(15))
+    assert commit.pending_commits(where.fs, where.p("ds")) == [txn]  # read-only: no recovery
+    io.recover(where("ds"))
     assert commit.pending_commits(where.fs, where.p("ds")) == []
+    assert io.read(where("ds")).column("id").to_pylist() == list(range(15))
 
 
 def test_writes_recover_first_and_recover_delegates(io: PyarrowDatasetIO, where: Where) -> None:

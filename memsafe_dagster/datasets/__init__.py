@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "CommitConflictError": "memsafe_dagster.datasets.commit",
     "RecoveryReport": "memsafe_dagster.datasets.commit",
     "recover": "memsafe_dagster.datasets.commit",
+    "Snapshot": "memsafe_dagster.datasets.snapshot",
+    "SnapshotError": "memsafe_dagster.datasets.snapshot",
 }
 
 __all__ = list(_EXPORTS)

@@ -12,15 +12,28 @@ Protocol (state lives under ``<target>/_memsafe/``, which every reader skips):
    meantime (a lost or broken lock) the create fails and this writer gets
    ``CommitConflictError``: two writers can never both commit against the same base, whatever
    the lock did (optimistic concurrency, as table formats do);
-5. apply it: move staged files to their final names, delete the files it replaces
-   (SIGTERM and SIGINT are held from step 3 until this step is done, so a terminated run
-   finishes its commit before it stops and releases the lock);
-6. delete the record and the staging directory, release the lock.
+5. apply it: move staged files to their final names and the files it replaces to
+   ``_memsafe/trash/<version>/`` (not deleted: a reader holding the snapshot before this
+   commit still reads them there; see ``snapshot``). SIGTERM and SIGINT are held from step 3
+   until this step is done, so a terminated run finishes its commit before it stops and
+   releases the lock;
+6. delete the record and the staging directory; delete the history older than the retention
+   (``MEMSAFE_SNAPSHOT_RETENTION_S``, default one hour): trash directories, and log entries
+   that are also more than ``LOG_KEEP_VERSIONS`` versions behind (the latest always stays: the
+   fence needs it); release the lock.
 
 A crash before step 4 leaves staging and perhaps a record without its log entry, which
 recovery deletes: the dataset is as before. A crash after it leaves a record whose log entry
 exists, which recovery applies again (every step is idempotent): the dataset is as after.
 Records without a ``log_version`` (written by earlier releases) are rolled forward as before.
+Readers need neither the lock nor recovery: ``snapshot`` folds a committed, unapplied record
+into what it lists, so a half-applied commit already reads as after.
+
+The fence stays sound although old log entries are deleted: just before its exclusive create
+a writer checks that the latest version is still its base (one listing), and an entry is only
+deleted once it is ``LOG_KEEP_VERSIONS`` behind the latest and older than the retention. A
+version that did not exist at the check cannot have been created and deleted again by the
+time of the create, short of a stall longer than the retention between the two.
 
 The lock is a lease: its holder (host, pid, token) and an expiry that a thread renews while
 the holder works. A lock whose lease expired is broken automatically with a warning, from any
@@ -29,9 +42,11 @@ from wasting work: correctness rests on the exclusive create of step 4 (the fenc
 filesystem with no exclusive create (anything but local disks and s3fs) the log entry is
 written check-then-write and a warning names the risk: run one writer at a time there.
 
-Final names are always new (``part-<txn>-NNNNN.parquet``), so a
-replayed move can never clobber live data. Empty state directories are removed when a
-transaction ends, so a failed first write leaves the target exactly as it was.
+Final names are new (``part-<txn>-NNNNN.parquet``), so a replayed move can never clobber live
+data; a write that reuses names (``part-NNNNN.parquet`` of a replacing writer) moves the old
+file to the trash before the new one takes its name, and a replay moves only what is still
+staged. Empty state directories are removed when a transaction ends, so a failed first write
+leaves the target exactly as it was.
 
 Tests kill the writer at each step: with ``MEMSAFE_CRASH_AT=<step>`` in the environment the
 process SIGKILLs itself when it reaches that step (``crash_point``; steps are listed in
@@ -67,7 +82,7 @@ CRASH_POINTS = (
     "commit-recorded",  # record written, nothing applied
     "commit-moved-one",  # first staged file moved to its final name
     "commit-moved",  # every file moved, nothing removed
-    "commit-removed-one",  # first replaced file removed
+    "commit-removed-one",  # first replaced file moved to the trash
     "commit-applied",  # applied, record not yet deleted
     "commit-record-deleted",  # record deleted, staging not yet removed
 )
@@ -151,7 +166,11 @@ class RecoveryReport:
 # -- exclusive create and the commit log ------------------------------------------------------
 
 LOG_DIR = "log"
+TRASH_DIR = "trash"
 DEFAULT_LEASE_S = 30.0
+RETENTION_ENV = "MEMSAFE_SNAPSHOT_RETENTION_S"
+DEFAULT_RETENTION_S = 3600.0
+LOG_KEEP_VERSIONS = 100
 _warned_no_exclusive: set[str] = set()
 
 
@@ -205,20 +224,38 @@ def log_path(target: str, version: int) -> str:
     return join(target, STATE_DIR, LOG_DIR, f"{version:012d}.json")
 
 
-def latest_version(fs: fsspec.AbstractFileSystem, target: str) -> int:
-    """The latest committed log version of ``target`` (0: no memsafe commit yet)."""
-    directory = join(target.rstrip("/"), STATE_DIR, LOG_DIR)
+def retention_s() -> float:
+    """How long removed files and old log entries are kept for readers (seconds)."""
+    raw = os.environ.get(RETENTION_ENV)
+    return DEFAULT_RETENTION_S if not raw else max(0.0, float(raw))
+
+
+def trash_path(target: str, version: int, relative: str = "") -> str:
+    """Where commit ``version`` keeps the file ``relative`` it removed."""
+    base = join(target, STATE_DIR, TRASH_DIR, f"{version:012d}")
+    return join(base, relative) if relative else base
+
+
+def _versioned(fs: fsspec.AbstractFileSystem, directory: str, *, detail: bool) -> dict[int, Any]:
+    """``{version: listing entry}`` of the ``NNN...`` (or ``NNN.json``) names in ``directory``."""
     fs.invalidate_cache(directory)
     try:
-        names = fs.ls(directory, detail=False)
+        entries = fs.ls(directory, detail=detail)
     except FileNotFoundError:
-        return 0
-    versions = [0]
-    for name in names:
-        base = name.rsplit("/", 1)[-1]
-        if base.endswith(".json") and base[:-5].isdigit():
-            versions.append(int(base[:-5]))
-    return max(versions)
+        return {}
+    out: dict[int, Any] = {}
+    for entry in entries:
+        name = (entry["name"] if detail else entry).rstrip("/").rsplit("/", 1)[-1]
+        stem = name[:-5] if name.endswith(".json") else name
+        if stem.isdigit():
+            out[int(stem)] = entry
+    return out
+
+
+def latest_version(fs: fsspec.AbstractFileSystem, target: str) -> int:
+    """The latest committed log version of ``target`` (0: no memsafe commit yet)."""
+    versions = _versioned(fs, join(target.rstrip("/"), STATE_DIR, LOG_DIR), detail=False)
+    return max(versions, default=0)
 
 
 def _log_entry(fs: fsspec.AbstractFileSystem, target: str, version: int) -> dict[str, Any]:
@@ -524,11 +561,17 @@ class DatasetTransaction:
             }
         ).encode()
         assert record.log_version is not None
-        if not exclusive_create(self.fs, log_path(self.target, record.log_version), entry):
+        # The latest version must still be this writer's base: this also catches a base+1
+        # that was committed and then deleted by the log cleanup (module docstring).
+        latest = latest_version(self.fs, self.target)
+        if latest != self.base_version or not exclusive_create(
+            self.fs, log_path(self.target, record.log_version), entry
+        ):
             raise CommitConflictError(
-                f"dataset {self.target}: another writer committed version {record.log_version} "
-                f"while this {self.operation} ran (it read version {self.base_version}); "
-                "nothing was changed. Run it again: it will see the other writer's rows."
+                f"dataset {self.target}: another writer committed version "
+                f"{max(latest, record.log_version)} while this {self.operation} ran (it read "
+                f"version {self.base_version}); nothing was changed. Run it again: it will see "
+                "the other writer's rows."
             )
         self._committed = record
         crash_point("commit-recorded")
@@ -643,18 +686,20 @@ def _write_record(
 
 
 def _apply(fs: fsspec.AbstractFileSystem, target: str, record: CommitRecord) -> None:
-    """Apply ``record``; safe to repeat after a crash at any point."""
+    """Apply ``record``; safe to repeat after a crash at any point.
+
+    Removed files go to the trash of the record's version, never deleted here; a file the
+    record replaces under the same name goes there before the new one takes its name.
+    """
+    version = record.log_version or 0
+    removes = set(record.remove)
     replaced = {path for _, path in record.add}
     for i, (staged_rel, final_rel) in enumerate(record.add):
         staged, final = join(target, staged_rel), join(target, final_rel)
         if fs.exists(staged):
-            parent = final.rsplit("/", 1)[0]
-            if parent != target:
-                fs.makedirs(parent, exist_ok=True)
-            if is_local(fs):
-                os.replace(staged, final)
-            else:
-                fs.mv(staged, final)
+            if final_rel in removes:
+                _move(fs, final, trash_path(target, version, final_rel))
+            _move(fs, staged, final)
         elif not fs.exists(final):
             raise CommitError(
                 f"commit {record.txn} on {target}: staged file {staged_rel} and its final "
@@ -667,8 +712,7 @@ def _apply(fs: fsspec.AbstractFileSystem, target: str, record: CommitRecord) -> 
     for final_rel in record.remove:
         if final_rel in replaced:
             continue
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(join(target, final_rel))
+        _move(fs, join(target, final_rel), trash_path(target, version, final_rel))
         removed += 1
         if removed == 1:
             crash_point("commit-removed-one")
@@ -677,6 +721,25 @@ def _apply(fs: fsspec.AbstractFileSystem, target: str, record: CommitRecord) -> 
         fs.rm_file(_record_path(target, record.txn))
     crash_point("commit-record-deleted")
     _remove_tree(fs, join(target, STATE_DIR, "staging", record.txn))
+
+
+def _move(fs: fsspec.AbstractFileSystem, source: str, dest: str) -> None:
+    """Move one file, creating ``dest``'s parent; a missing ``source`` (moved already) is a
+    no-op. Local disks: ``os.replace`` (atomic). Object stores: copy, then delete, so the
+    file is at one of the two names at every instant."""
+    parent = dest.rsplit("/", 1)[0]
+    if is_local(fs):
+        if not os.path.exists(source):
+            return
+        os.makedirs(parent, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(source, dest)
+        return
+    if not fs.exists(source):
+        return
+    fs.makedirs(parent, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        fs.mv(source, dest)
 
 
 def _recover_locked(fs: fsspec.AbstractFileSystem, target: str) -> RecoveryReport:
@@ -712,10 +775,64 @@ def _recover_locked(fs: fsspec.AbstractFileSystem, target: str) -> RecoveryRepor
 
 
 def _tidy_state(fs: fsspec.AbstractFileSystem, target: str) -> None:
-    """Remove the state directories that are empty (never one holding a record or staging)."""
+    """Delete the history past the retention, then the state directories that are empty
+    (never one holding a record or staging). Runs under the lock."""
     state = join(target, STATE_DIR)
-    for sub in ("staging", "commits"):
+    if fs.exists(state):
+        clean_history(fs, target)
+    for sub in ("staging", "commits", TRASH_DIR):
         _rmdir_if_empty(fs, join(state, sub))
+
+
+def clean_history(
+    fs: fsspec.AbstractFileSystem,
+    target: str,
+    *,
+    retention: float | None = None,
+    keep_versions: int | None = None,
+    now: float | None = None,
+) -> tuple[list[int], list[int]]:
+    """Delete trash older than ``retention`` and log entries both older than it and more than
+    ``keep_versions`` behind the latest (kept always); returns the (trash, log) versions
+    deleted. The caller holds the lock. An entry's age is its listed modification time."""
+    retention = retention_s() if retention is None else retention
+    keep_versions = LOG_KEEP_VERSIONS if keep_versions is None else keep_versions
+    now = time.time() if now is None else now
+    entries = _versioned(fs, join(target, STATE_DIR, LOG_DIR), detail=True)
+    latest = max(entries, default=0)
+
+    def age(version: int) -> float:
+        entry = entries.get(version)
+        if entry is None:
+            return float("inf")  # its log entry went: older than the retention
+        stamp = _mtime(entry)
+        if stamp is None:
+            stamp = float(_log_entry(fs, target, version).get("created_at", 0.0))
+        return now - stamp
+
+    trashed = []
+    for version in sorted(_versioned(fs, join(target, STATE_DIR, TRASH_DIR), detail=False)):
+        if age(version) > retention:
+            _remove_tree(fs, trash_path(target, version))
+            trashed.append(version)
+    dropped = []
+    for version in sorted(entries):  # oldest first: an entry goes only after those below it
+        if version >= latest - keep_versions or age(version) <= retention:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(entries[version]["name"])
+        dropped.append(version)
+    return trashed, dropped
+
+
+def _mtime(entry: dict[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = entry.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+    return None
 
 
 def _rmdir_if_empty(fs: fsspec.AbstractFileSystem, path: str) -> None:

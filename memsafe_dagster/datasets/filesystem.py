@@ -64,19 +64,26 @@ def is_hidden(relative_path: str) -> bool:
 def list_data_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """Sorted data files under ``path`` (recursively), skipping hidden paths as PyArrow does.
 
-    ``path`` may also be a single file. A missing path is an empty dataset.
+    ``path`` may also be a single file. A missing path is an empty dataset. This is a plain
+    listing: a reader that must not see a commit half-done uses ``snapshot.snapshot``.
     """
+    return sorted(data_file_infos(fs, path))
+
+
+def data_file_infos(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict[str, Any]]:
+    """``list_data_files`` with each file's listing entry (size, mtime, inode or ETag)."""
     if not fs.exists(path):
-        return []
+        return {}
     if fs.isfile(path):
-        return [path]
+        return {path: {"name": path}}
     base = path.rstrip("/")
-    files = []
-    for found in fs.find(base):
+    fs.invalidate_cache(base)
+    files = {}
+    for found, info in fs.find(base, detail=True).items():
         relative = found[len(base) :].lstrip("/") if found.startswith(base) else found
-        if not is_hidden(relative):
-            files.append(found)
-    return sorted(files)
+        if not is_hidden(relative) and info.get("type", "file") != "directory":
+            files[found] = info
+    return files
 
 
 def _as_fsspec(

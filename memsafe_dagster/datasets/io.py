@@ -3,7 +3,9 @@
 Paths are URLs (``s3://bucket/x``, ``memory://x``, ``/local/x``) resolved against the
 filesystem given to the constructor, if any. Writes go through the commit protocol of
 ``commit.DatasetTransaction`` (recovery of an earlier crashed writer runs first, under the
-dataset's lock); reads roll a half-applied commit forward before they look at the files.
+dataset's lock). Reads are snapshot reads (``snapshot``): exactly the state before or after a
+commit running meanwhile, a half-applied commit of a crashed writer reading as after, with no
+lock and no write access needed.
 """
 
 from __future__ import annotations
@@ -77,15 +79,13 @@ class PyarrowDatasetIO:
     ) -> ds.Dataset:
         """A lazy ``pyarrow.dataset.Dataset`` over ``path`` (a file, a directory or a list).
 
-        Hidden paths (``_memsafe/`` staging, ``.``-temp files) are skipped. A commit that a
-        crashed writer left half-applied is rolled forward first.
+        Hidden paths (``_memsafe/`` state, ``.``-temp files) are skipped. A directory is read
+        as a snapshot: one committed version, whatever a concurrent commit does.
         """
         if isinstance(path, (str, os.PathLike)):
             fs, stripped = self.resolve(path)
             if not fs.exists(stripped):
                 raise FileNotFoundError(f"no dataset at {os.fspath(path)!r}")
-            if fs.isdir(stripped) and commit.pending_commits(fs, stripped):
-                commit.recover(fs, stripped)
             return open_dataset(stripped, filesystem=fs, format=format, partitioning=partitioning)
         return open_dataset(
             list(path),

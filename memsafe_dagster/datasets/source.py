@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 from memsafe_dagster.checks import positive_int
 from memsafe_dagster.datasets.filesystem import (
     arrow_filesystem,
-    list_data_files,
     resolve_filesystem,
 )
 from memsafe_dagster.datasets.parquet import aligned_batch_rows
@@ -49,6 +48,7 @@ from memsafe_dagster.datasets.reader import (
     row_bytes,
     rows_for_bytes,
 )
+from memsafe_dagster.datasets.snapshot import is_local_arrow, snapshot, snapshot_filesystem
 from memsafe_dagster.datasets.stream import ChunkStream
 
 if TYPE_CHECKING:
@@ -588,11 +588,13 @@ class _ParquetFilesSource(TabularSource):
         schema: pa.Schema,
         total_rows: int,
         description: str,
+        arrow_fs: pafs.FileSystem | None = None,
     ) -> None:
         super().__init__(
             PATHS, description, schema, rereadable=True, total_rows=total_rows, files=files
         )
         self.filesystem = fs
+        self.arrow_fs = arrow_fs if arrow_fs is not None else arrow_filesystem(fs)
         self.footers: tuple[pq.FileMetaData, ...] = ()
 
     def row_bytes(self, columns: Sequence[str] | None = None) -> float | None:
@@ -613,7 +615,7 @@ class _ParquetFilesSource(TabularSource):
         columns: Columns,
         filter: Filter,
     ) -> Iterator[pa.Table]:
-        afs = arrow_filesystem(self.filesystem)
+        afs = self.arrow_fs  # a snapshot's: the files as listed, even once a commit moved them
         for path in self.files:
             with afs.open_input_file(path) as fh:
                 pf = open_parquet(fh)
@@ -655,6 +657,17 @@ def open_dataset(
         return source  # type: ignore[return-value]
     if isinstance(source, (str, os.PathLike)):
         fs, path = resolve_filesystem(source, filesystem, storage_options)
+        if fs.isdir(path):
+            # A snapshot, not pyarrow's own listing: exactly the before or the after state of
+            # a commit running meanwhile (see ``snapshot``).
+            snap = snapshot(fs, path)
+            return ds.dataset(
+                list(snap.files),
+                filesystem=snap.arrow_filesystem(),
+                format=format,
+                partitioning=partitioning,
+                partition_base_dir=snap.path if partitioning is not None else None,
+            )
         target: str | list[str] = path
     else:
         paths = list(source)  # type: ignore[arg-type]
@@ -672,18 +685,24 @@ def _open_parquet_files(
     filesystem: fsspec.AbstractFileSystem | pafs.FileSystem | None,
     storage_options: dict[str, Any] | None,
 ) -> _ParquetFilesSource:
-    """Every Parquet file under the path(s), with their footers' row counts and first schema."""
+    """Every Parquet file under the path(s), with their footers' row counts and first schema.
+
+    Each directory is read as a snapshot: the files of one committed version, opened where
+    they are even once a later commit moved them (see ``snapshot``).
+    """
     paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     fs, _ = resolve_filesystem(paths[0], filesystem, storage_options)
     files: list[str] = []
+    snapshots = []
     for raw in paths:
         path = fs._strip_protocol(os.fspath(raw))
-        found = list_data_files(fs, path)
-        if not found:
+        snap = snapshot(fs, path)
+        if not snap.files:
             what = "holds no Parquet files" if fs.exists(path) else "does not exist"
             raise ValueError(f"source {os.fspath(raw)!r} {what}")
-        files += found
-    afs = arrow_filesystem(fs)
+        snapshots.append(snap)
+        files += snap.files
+    afs = snapshot_filesystem(fs, snapshots)
     total = 0
     schema = None
     footers = []
@@ -700,7 +719,7 @@ def _open_parquet_files(
     description = f"source {os.fspath(paths[0])}"
     if len(paths) > 1:
         description += f" and {len(paths) - 1} more path(s)"
-    source = _ParquetFilesSource(fs, tuple(files), schema, total, description)
+    source = _ParquetFilesSource(fs, tuple(files), schema, total, description, afs)
     source.footers = tuple(footers)
     return source
 
@@ -752,9 +771,8 @@ def fragment_scan_options(dataset: ds.Dataset) -> ds.FragmentScanOptions | None:
     import pyarrow.dataset as ds
 
     fmt = getattr(dataset, "format", None)
-    if isinstance(fmt, ds.ParquetFileFormat) and isinstance(
-        getattr(dataset, "filesystem", None), pafs.LocalFileSystem
-    ):
+    local = is_local_arrow(getattr(dataset, "filesystem", None))
+    if isinstance(fmt, ds.ParquetFileFormat) and local:
         return ds.ParquetFragmentScanOptions(pre_buffer=False)
     return None
 
