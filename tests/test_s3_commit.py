@@ -55,15 +55,6 @@ def _rows(io: PyarrowDatasetIO, url: str) -> list[tuple[int, str]]:
     return sorted(zip(t.column("k").to_pylist(), t.column("v").to_pylist(), strict=True))
 
 
-def test_exclusive_create_on_s3(endpoint):
-    fs = s3fs_for(endpoint)
-    path = f"{new_bucket(endpoint)}/x/one.json"
-    assert commit.supports_exclusive_create(fs)
-    assert commit.exclusive_create(fs, path, b"first") is True
-    assert commit.exclusive_create(fs, path, b"second") is False  # refused, not overwritten
-    assert fs.cat_file(path) == b"first"
-
-
 def test_every_strategy_on_s3(endpoint):
     io = _io(endpoint)
     url = f"s3://{new_bucket(endpoint)}/t"

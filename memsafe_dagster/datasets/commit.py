@@ -39,8 +39,9 @@ The lock is a lease: its holder (host, pid, token) and an expiry that a thread r
 the holder works. A lock whose lease expired is broken automatically with a warning, from any
 host; on this host a lock of a dead process is broken at once. The lock only keeps writers
 from wasting work: correctness rests on the exclusive create of step 4 (the fence). On a
-filesystem with no exclusive create (anything but local disks and s3fs) the log entry is
-written check-then-write and a warning names the risk: run one writer at a time there.
+filesystem with no exclusive create (see ``atomic``: local disks, S3, GCS and Azure Blob have
+one) the log entry is written check-then-write and a warning names the risk: run one writer at
+a time there.
 
 Final names are new (``part-<txn>-NNNNN.parquet``), so a replayed move can never clobber live
 data; a write that reuses names (``part-NNNNN.parquet`` of a replacing writer) moves the old
@@ -70,6 +71,7 @@ from typing import Any
 
 import fsspec
 
+from memsafe_dagster.datasets.atomic import exclusive_create
 from memsafe_dagster.datasets.filesystem import is_local, join
 
 log = logging.getLogger(__name__)
@@ -171,53 +173,6 @@ DEFAULT_LEASE_S = 30.0
 RETENTION_ENV = "MEMSAFE_SNAPSHOT_RETENTION_S"
 DEFAULT_RETENTION_S = 3600.0
 LOG_KEEP_VERSIONS = 100
-_warned_no_exclusive: set[str] = set()
-
-
-def supports_exclusive_create(fs: fsspec.AbstractFileSystem) -> bool:
-    """True when ``fs`` has an atomic create-if-absent: local disks and S3 (s3fs)."""
-    if is_local(fs):
-        return True
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("s3", "s3a")
-
-
-def exclusive_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
-    """Create ``path`` holding ``data`` only if it does not exist; False when it does.
-
-    Local disks: ``O_CREAT | O_EXCL``. S3: a PUT with ``If-None-Match: *`` (s3fs's
-    ``mode="create"``). Elsewhere: check-then-write with a one-time warning naming the risk.
-    """
-    parent = path.rsplit("/", 1)[0]
-    if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        return True
-    if supports_exclusive_create(fs):
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        finally:
-            fs.invalidate_cache(parent)
-        return True
-    name = type(fs).__name__
-    if name not in _warned_no_exclusive:
-        _warned_no_exclusive.add(name)
-        log.warning(
-            "%s has no atomic create-if-absent: memsafe cannot fence concurrent writers "
-            "there (two writers may both commit and duplicate rows); run one writer at a time",
-            name,
-        )
-    if fs.exists(path):
-        return False
-    fs.pipe_file(path, data)
-    return True
 
 
 def log_path(target: str, version: int) -> str:
@@ -308,8 +263,8 @@ class DatasetLock:
     A second writer waits up to ``timeout_s`` and then gets ``DatasetLockedError`` naming the
     holder. The holder (host, pid, token) renews its lease (``lease_s``) from a thread while
     it works; a lock whose lease expired, or held by a dead process on this host (``kill -9``,
-    OOM kill), is broken automatically with a warning. The create is exclusive on local disks
-    and S3; correctness never rests on the lock alone (see the module docstring).
+    OOM kill), is broken automatically with a warning. The create is exclusive where the filesystem
+    allows (``atomic``); correctness never rests on the lock alone (see the module docstring).
     """
 
     def __init__(

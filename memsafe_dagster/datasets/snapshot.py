@@ -119,6 +119,23 @@ def snapshot(
         delay = min(delay * 2, 0.2)
 
 
+def base_files(txn: commit.DatasetTransaction) -> list[str]:
+    """The data files of the version ``txn`` read when it took the lock (its base), for a
+    writer to plan on: ``CommitConflictError`` when another writer's commit landed since, or
+    is still being applied (a lock lost or broken mid-commit), so a plan never rests on a
+    listing of another version (the fence alone checks only the version, not the listing)."""
+    snap = snapshot(txn.fs, txn.target)
+    pending = any(entry.staged is not None for entry in snap.entries.values())
+    if snap.version != txn.base_version or pending:
+        raise commit.CommitConflictError(
+            f"dataset {txn.target}: another writer's commit (version {snap.version}) landed "
+            f"while this {txn.operation} started on version {txn.base_version}"
+            f"{' and is still being applied' if pending else ''}; nothing was changed. Run it "
+            "again: it will see the other writer's rows."
+        )
+    return list(snap.files)
+
+
 def snapshot_filesystem(
     fs: fsspec.AbstractFileSystem, snapshots: Sequence[Snapshot]
 ) -> pafs.FileSystem:

@@ -34,12 +34,12 @@ from memsafe_dagster.datasets.commit import DatasetTransaction
 from memsafe_dagster.datasets.filesystem import (
     arrow_filesystem,
     is_local,
-    list_data_files,
     resolve_filesystem,
 )
 from memsafe_dagster.datasets.parquet import check_compression
 from memsafe_dagster.datasets.schema import conform_batch, record_batches
 from memsafe_dagster.datasets.sink import OutputSink, SettingsProvider, WrittenFile
+from memsafe_dagster.datasets.snapshot import base_files
 from memsafe_dagster.datasets.source import (
     BATCHES,
     READER,
@@ -378,7 +378,7 @@ class ChunkedParquetWriter:
         )
         txn.__enter__()
         self._res.txn = txn
-        self._existing = list_data_files(self.fs, self.path)
+        self._existing = base_files(txn)
 
     def _dataset_schema(self, incoming: pa.Schema) -> pa.Schema:
         declared = self._schema or incoming

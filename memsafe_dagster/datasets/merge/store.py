@@ -26,6 +26,7 @@ from memsafe_dagster.datasets.commit import DatasetTransaction
 from memsafe_dagster.datasets.filesystem import arrow_filesystem, is_local, join
 from memsafe_dagster.datasets.merge.options import MergeOptions
 from memsafe_dagster.datasets.merge.target import TargetDataset, load_target
+from memsafe_dagster.datasets.snapshot import base_files
 
 
 class TargetWrite(Protocol):
@@ -103,7 +104,8 @@ class _ParquetWrite:
         self.committed = False
 
     def load(self, keys: Sequence[str]) -> TargetDataset:
-        return load_target(self.target.fs, self.target.afs, self.target.path, keys)
+        paths = base_files(self.transaction)
+        return load_target(self.target.fs, self.target.afs, self.target.path, keys, paths)
 
     def new_file(self, relative_path: str) -> str:
         return self.transaction.new_file(relative_path)

@@ -106,9 +106,11 @@ def load_target(
     afs: pafs.FileSystem,
     root: str,
     keys: Sequence[str],
+    paths: Sequence[str] | None = None,
 ) -> TargetDataset:
-    """Read every data file's footer and check the files agree on a schema with the keys."""
-    paths = list_data_files(fs, root)
+    """Read every data file's footer (of ``paths``, by default all under ``root``) and check
+    the files agree on a schema with the keys."""
+    paths = list_data_files(fs, root) if paths is None else paths
     root = root.rstrip("/")
     files: list[TargetFile] = []
     schema: pa.Schema | None = None
