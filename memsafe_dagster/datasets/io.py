@@ -270,6 +270,7 @@ class PyarrowDatasetIO:
             data,
             target,
             fs=fs,
+            storage_options=self.storage_options,
             strategy=strategy,
             key_columns=key_columns,
             merge_max_memory_mb=merge_max_memory_mb,
