@@ -59,7 +59,12 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from memsafe_dagster import metadata as md
 from memsafe_dagster.datasets.chunks import process_in_chunks
-from memsafe_dagster.datasets.filesystem import arrow_filesystem, list_data_files, options_for
+from memsafe_dagster.datasets.filesystem import (
+    arrow_filesystem,
+    env_reference,
+    list_data_files,
+    options_for,
+)
 from memsafe_dagster.datasets.parquet import check_compression
 from memsafe_dagster.datasets.source import is_tabular
 from memsafe_dagster.datasets.stream import ChunkStream
@@ -410,6 +415,17 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
 # -- helpers ----------------------------------------------------------------------------------
 
 
+def _canonical(value: Any) -> Any:
+    """``value`` with every environment reference as ``("env", NAME)``: Dagster keeps an
+    ``EnvVar`` as ``{"env": NAME}`` once it has processed the config."""
+    name = env_reference(value)
+    if name is not None:
+        return ("env", name)
+    if isinstance(value, Mapping):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside Dagster, pydantic and this module: the
     code that built the IO manager."""
@@ -432,7 +448,14 @@ def _storage_options_alias(data: Mapping[str, Any]) -> Mapping[str, Any]:
     old = data.get("filesystem_options")
     if not old:  # unset (Dagster passes an empty mapping for it when it builds the resource)
         return {k: v for k, v in data.items() if k != "filesystem_options"}
-    if data.get("storage_options"):
+    out = {k: v for k, v in data.items() if k != "filesystem_options"}
+    given = data.get("storage_options")
+    if given:
+        mine, theirs = _canonical(given), _canonical(old)
+        if all(k in mine and mine[k] == v for k, v in theirs.items()):
+            # Dagster rebuilding the resource: the alias was moved when it was first built
+            # (the value Dagster kept of it may have lost entries, never gained any).
+            return out
         raise ValueError(
             "ChunkedParquetIOManager: give storage_options only (filesystem_options is its "
             "deprecated name, and both were given)"
@@ -442,7 +465,6 @@ def _storage_options_alias(data: Mapping[str, Any]) -> Mapping[str, Any]:
         DeprecationWarning,
         stacklevel=_caller_stacklevel(),
     )
-    out = {k: v for k, v in data.items() if k != "filesystem_options"}
     out["storage_options"] = old
     return out
 

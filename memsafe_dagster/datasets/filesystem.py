@@ -10,9 +10,10 @@ value each time, so credentials need not live in code, in a definition or in a m
 Memory on object stores: every open file of an object store buffers blocks in memory (a
 writer its multipart part, copied while it uploads; a reader its read-ahead, joined from the
 pieces fetched). s3fs's default block is 50 MiB, and a file smaller than a block is buffered
-whole, so a few files open at once would take a large share of a small budget: ``resolve_filesystem`` gives S3 ``OBJECT_STORE_BLOCK_SIZE`` blocks and a read-ahead
-cache of one block unless the options say otherwise (gcsfs and adlfs blocks are 5 and 4 MiB
-already), and ``block_bytes`` tells the merge budget what each open file holds.
+whole, so a few files open at once would take a large share of a small budget.
+``resolve_filesystem`` gives S3 ``OBJECT_STORE_BLOCK_SIZE`` blocks and a read-ahead cache of
+one block unless the options say otherwise (gcsfs and adlfs blocks are 5 and 4 MiB already),
+and ``block_bytes`` tells the merge budget what each open file holds.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def resolve_storage_options(storage_options: Mapping[str, Any] | None) -> dict[s
 
 
 def _resolve_value(value: Any, where: str) -> Any:
-    name = _env_name(value)
+    name = env_reference(value)
     if name is not None:
         found = os.environ.get(name)
         if found is None:
@@ -101,9 +102,10 @@ def _resolve_value(value: Any, where: str) -> Any:
     return value
 
 
-def _env_name(value: Any) -> str | None:
-    """The variable a value reads: a ``dagster.EnvVar`` / ``EnvVar.int`` (duck-typed: this
-    module does not import Dagster) or Dagster's config form ``{"env": "NAME"}``."""
+def env_reference(value: Any) -> str | None:
+    """The environment variable a value reads, None for a plain value: a ``dagster.EnvVar``
+    or ``EnvVar.int`` (duck-typed: this module does not import Dagster) or Dagster's config
+    form ``{"env": "NAME"}``."""
     name = getattr(value, "env_var_name", None)
     if isinstance(name, str) and callable(getattr(value, "get_value", None)):
         return name
