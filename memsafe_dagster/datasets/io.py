@@ -50,7 +50,9 @@ class PyarrowDatasetIO:
     """Parquet dataset reads, streams and crash-safe writes and merges on one filesystem.
 
     ``filesystem`` (fsspec or PyArrow) is used for every path when given; otherwise each URL's
-    protocol picks one, with ``storage_options`` (credentials, endpoints) passed through.
+    protocol picks one, with ``storage_options`` (credentials, endpoints; ``dg.EnvVar`` values
+    are read each time a filesystem is resolved) passed through. A merge reads a URL source of
+    the target's protocol through the target's filesystem.
     """
 
     def __init__(
