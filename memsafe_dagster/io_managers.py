@@ -39,13 +39,17 @@ the input maps to.
 """
 
 import math
+import os
+import sys
 import types
 import typing
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args, get_origin
 
 import dagster as dg
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -55,6 +59,10 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from memsafe_dagster import metadata as md
 from memsafe_dagster.datasets.chunks import process_in_chunks
+from memsafe_dagster.datasets.filesystem import (
+    env_reference,
+    options_for,
+)
 from memsafe_dagster.datasets.parquet import check_compression
 from memsafe_dagster.datasets.snapshot import Snapshot, snapshot, snapshot_filesystem
 from memsafe_dagster.datasets.source import is_tabular
@@ -94,9 +102,18 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         default=None,
         description="Base directory, any fsspec URL (default: the instance's storage directory).",
     )
-    filesystem_options: dict[str, Any] = Field(
+    # ``storage_options`` in config and in the constructor; the Python attribute has another
+    # name because UPathIOManager owns a ``storage_options`` property (the base path's options).
+    configured_storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec storage options for base_path (credentials, endpoint, ...).",
+        alias="storage_options",
+        description=(
+            "fsspec storage options for base_path (endpoint, region, ...); values may be "
+            "dg.EnvVar, read when the run starts (credentials: dg.EnvVar or the environment)."
+        ),
+    )
+    filesystem_options: dict[str, Any] | None = Field(
+        default=None, description="Deprecated name of storage_options."
     )
     chunk_size_rows: int = Field(
         default=100_000, description="Rows per chunk when writing and streaming inputs."
@@ -131,6 +148,7 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         # Raw values: an EnvVar is a placeholder until the run resolves it and validates again.
         if not isinstance(data, Mapping):
             return data
+        data = _storage_options_alias(data)
         for name in ("chunk_size_rows", "row_group_size", "max_rows_per_file"):
             value = data.get(name)
             if value is None or hasattr(value, "env_var_name"):
@@ -148,7 +166,9 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
         from upath import UPath
 
         if self.base_path is not None:
-            self._base_path = UPath(self.base_path, **self.filesystem_options)
+            protocol = fsspec.core.split_protocol(self.base_path)[0]
+            options = options_for(protocol, self.configured_storage_options)
+            self._base_path = UPath(self.base_path, **options)
         else:
             instance = context.instance
             if instance is None:
@@ -157,6 +177,15 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
                 )
             self._base_path = UPath(instance.storage_directory())
         self._memory = self.memory if self.memory is not None else MemoryMonitorResource()
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The fsspec options of ``base_path`` as its filesystem is built (environment
+        references read), as ``UPathIOManager.storage_options`` promises."""
+        if self._base_path is not None:
+            return dict(getattr(self._base_path, "storage_options", None) or {})
+        protocol = fsspec.core.split_protocol(self.base_path or "")[0]
+        return options_for(protocol, self.configured_storage_options)
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -384,6 +413,60 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with every environment reference as ``("env", NAME)``: Dagster keeps an
+    ``EnvVar`` as ``{"env": NAME}`` once it has processed the config."""
+    name = env_reference(value)
+    if name is not None:
+        return ("env", name)
+    if isinstance(value, Mapping):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside Dagster, pydantic and this module: the
+    code that built the IO manager."""
+    here = _storage_options_alias.__code__.co_filename
+    level, frame = 2, sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        inside = name == here or any(
+            f"{os.sep}{package}{os.sep}" in name for package in ("dagster", "pydantic")
+        )
+        if not inside:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
+
+
+def _storage_options_alias(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``filesystem_options`` (the deprecated name) moved to ``storage_options``, with a
+    DeprecationWarning; both at once is a ValueError."""
+    old = data.get("filesystem_options")
+    if not old:  # unset (Dagster passes an empty mapping for it when it builds the resource)
+        return {k: v for k, v in data.items() if k != "filesystem_options"}
+    out = {k: v for k, v in data.items() if k != "filesystem_options"}
+    given = data.get("storage_options")
+    if given:
+        mine, theirs = _canonical(given), _canonical(old)
+        if all(k in mine and mine[k] == v for k, v in theirs.items()):
+            # Dagster rebuilding the resource: the alias was moved when it was first built
+            # (the value Dagster kept of it may have lost entries, never gained any).
+            return out
+        raise ValueError(
+            "ChunkedParquetIOManager: give storage_options only (filesystem_options is its "
+            "deprecated name, and both were given)"
+        )
+    warnings.warn(
+        "ChunkedParquetIOManager(filesystem_options=...) is deprecated: use storage_options=",
+        DeprecationWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+    out["storage_options"] = old
+    return out
 
 
 def iceberg_input(context: InputContext) -> tuple[str, int | None] | None:

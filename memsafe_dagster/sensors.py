@@ -84,8 +84,8 @@ def build_inbox_sensor(
     files of the batch, so files that land while a run is in flight go to the next batch. The
     cursor remembers the files already requested while they are still in the inbox (the merge
     moves them to ``_processed/`` after its commit). ``inbox``, ``pattern`` and
-    ``storage_options`` default to the ones ``target`` was built with. Memory-gated unless
-    ``memory_threshold`` is None.
+    ``storage_options`` default to the ones ``target`` was built with (``dg.EnvVar`` values are
+    read at every tick). Memory-gated unless ``memory_threshold`` is None.
     """
     built_with = _merge_spec(target)
     if inbox is None:

@@ -39,3 +39,10 @@ def parse_storage_options(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return options
+
+
+def storage_options_or_exit(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--storage-option`` items of ``args`` as storage options. A bad item raises
+    ValueError, which ``memsafe`` reports as ``memsafe <command>: error: ...`` with exit
+    status 2 (``cli.main``), before anything is opened."""
+    return parse_storage_options(list(getattr(args, "storage_option", None) or []))

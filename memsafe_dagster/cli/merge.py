@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from memsafe_dagster.cli._monitor_options import add_size_option
-from memsafe_dagster.cli._storage import add_storage_option_argument, parse_storage_options
+from memsafe_dagster.cli._storage import add_storage_option_argument, storage_options_or_exit
 from memsafe_dagster.datasets.commit import CommitConflictError, DatasetLockedError
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.merge import STRATEGIES
@@ -147,27 +147,22 @@ def run(args: argparse.Namespace) -> int:
         options["target_file_rows"] = args.target_file_rows
     if args.compression is not None:
         options["compression"] = args.compression
-    show = sys.stderr.isatty() if args.progress is None else args.progress
-    bar = _Bar() if show else None
-    try:
-        storage_options = parse_storage_options(args.storage_option)
-    except ValueError as exc:
-        print(f"memsafe merge: error: {exc}", file=sys.stderr)
-        return 2
+    storage_options = storage_options_or_exit(args)
     fs, target = resolve_filesystem(args.target, storage_options=storage_options)
     source: Any = args.source
-    if "://" in str(source) or "://" in str(args.target):
-        # The source resolves by its own URL (with the storage options), never through the
-        # target's filesystem: a local file merged into s3:// stays a local file.
-        from memsafe_dagster.datasets.source import open_dataset
-
-        src_options = storage_options if "://" in str(source) else None
-        source = open_dataset(source, storage_options=src_options)
+    if "://" not in source and "://" in args.target:
+        # A plain SOURCE path is a local file, even when TARGET is a URL (the library reads a
+        # plain path on the target's filesystem). A URL SOURCE is read by merge_dataset: through
+        # the target's filesystem for the same protocol, with the storage options otherwise.
+        source = f"file://{os.path.abspath(source)}"
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    bar = _Bar() if show else None
     try:
         result = merge_dataset(
             source,
             target,
             fs=fs,
+            storage_options=storage_options,
             strategy=args.strategy,
             key_columns=keys,
             merge_chunk_size_rows=args.chunk_rows,

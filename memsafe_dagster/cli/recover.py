@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from memsafe_dagster.cli._storage import add_storage_option_argument, parse_storage_options
+from memsafe_dagster.cli._storage import add_storage_option_argument, storage_options_or_exit
 from memsafe_dagster.datasets.commit import DatasetLockedError, pending_commits, recover
 from memsafe_dagster.datasets.filesystem import resolve_filesystem
 
@@ -33,11 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        storage_options = parse_storage_options(args.storage_option)
-    except ValueError as exc:
-        print(f"memsafe recover: error: {exc}", file=sys.stderr)
-        return 2
+    storage_options = storage_options_or_exit(args)
     fs, target = resolve_filesystem(args.target, storage_options=storage_options)
     if not fs.exists(target):
         print(f"memsafe recover: error: {args.target} does not exist", file=sys.stderr)

@@ -255,7 +255,10 @@ class MergeComponent(dg.Component, dg.Resolvable, dg.Model):
     enable_streaming_merge: bool = True
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec storage options for target and inbox ({{ env('X') }} for secrets).",
+        description=(
+            "fsspec storage options for target, inbox and a URL source; "
+            "\"{{ env_var('X') }}\" is read when the run starts (secrets), {{ env.X }} at load."
+        ),
     )
     input_metadata: dict[str, Any] | None = None
     check_unique_keys: bool = True

@@ -111,7 +111,8 @@ def inbox_member(fs: fsspec.AbstractFileSystem, inbox: str, raw: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise ValueError(f"files: {raw!r} is not a file name or path")
     inbox = inbox.rstrip("/")
-    absolute = "://" in raw or raw.startswith("/")
+    # A path as a listing gives it (on an object store: "bucket/inbox/x", no leading "/").
+    absolute = "://" in raw or raw.startswith(("/", inbox + "/"))
     stripped = fs._strip_protocol(raw) if absolute else join(inbox, raw)
     relative = stripped[len(inbox) :].lstrip("/") if stripped.startswith(inbox + "/") else None
     if not relative or ".." in relative.split("/") or is_hidden(relative):

@@ -52,7 +52,9 @@ class PyarrowDatasetIO:
     """Parquet dataset reads, streams and crash-safe writes and merges on one filesystem.
 
     ``filesystem`` (fsspec or PyArrow) is used for every path when given; otherwise each URL's
-    protocol picks one, with ``storage_options`` (credentials, endpoints) passed through.
+    protocol picks one, with ``storage_options`` (credentials, endpoints; ``dg.EnvVar`` values
+    are read each time a filesystem is resolved) passed through. A merge reads a URL source of
+    the target's protocol through the target's filesystem.
     """
 
     def __init__(
@@ -270,6 +272,7 @@ class PyarrowDatasetIO:
             data,
             target,
             fs=fs,
+            storage_options=self.storage_options,
             strategy=strategy,
             key_columns=key_columns,
             merge_max_memory_mb=merge_max_memory_mb,

@@ -89,6 +89,10 @@ def build_merge_asset(
     key becomes ``/``) or a multi-partition dimension name such as ``{date}``. ``partitions_def``
     defaults to the upstream asset's, which then maps partition to partition.
 
+    ``storage_options`` (fsspec options) apply to the target, the inbox and a path or URL
+    source; a ``dg.EnvVar`` value is read when the run starts (and at every sensor tick),
+    never at definition time, and no option is written into metadata.
+
     Memory: budgets come from the ``MemoryMonitorResource`` under ``memory_resource_key``; the
     merge runs inside its ``track``. ``merge_chunk_size_rows`` is halved on every retry of a
     ``retry_policy``. ``on_duplicate_keys``, ``enable_streaming_merge`` and ``**merge_options``

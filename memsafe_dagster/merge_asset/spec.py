@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
+import fsspec
 
-from memsafe_dagster.datasets.filesystem import resolve_filesystem
 from memsafe_dagster.datasets.merge.request import MergeRequest
 
 # Definition metadata of every merge asset: what the UI shows about how it was built.
@@ -175,11 +175,16 @@ def merge_pool_name(target_path: str, storage_options: Mapping[str, Any] | None 
     """A stable concurrency pool name for a target: readable tail plus a hash of the full URL.
 
     Two spellings of one local directory (relative, absolute, ``file://``) get the same pool.
+    The name depends on the URL alone: no filesystem is built for it (``storage_options`` are
+    not read, so credentials are neither needed nor touched when definitions load).
     """
+    del storage_options  # accepted for compatibility; the URL alone names the pool
     try:
-        fs, stripped = resolve_filesystem(target_path, storage_options=storage_options)
-        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-        normalized = f"{protocol}://{stripped.rstrip('/')}"
+        protocol, _ = fsspec.core.split_protocol(target_path)
+        cls = fsspec.get_filesystem_class(protocol or "file")
+        stripped = cls._strip_protocol(target_path)
+        names = (cls.protocol,) if isinstance(cls.protocol, str) else tuple(cls.protocol)
+        normalized = f"{names[0]}://{stripped.rstrip('/')}"
     except (ValueError, ImportError):
         normalized = target_path.rstrip("/")
     tail = "-".join(p for p in normalized.split("/")[-2:] if p)

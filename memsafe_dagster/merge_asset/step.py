@@ -144,7 +144,9 @@ def materialize_merge(
             if table is not None:
                 result = _merge_iceberg(context, source, table, request)
             else:
-                result = run_merge(source, target_stripped, fs, request)
+                result = run_merge(
+                    source, target_stripped, fs, request, storage_options=spec.storage_options
+                )
         archived: list[str] = []
         if batch:
             # Only now, after the commit: a failure before this point leaves every file in the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -20,6 +20,7 @@ def merge_dataset(
     path: str | os.PathLike[str],
     *,
     fs: fsspec.AbstractFileSystem | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     strategy: str = "upsert",
     key_columns: str | Sequence[str],
     merge_max_memory_mb: float = 1024,
@@ -38,7 +39,9 @@ def merge_dataset(
     (both), ``delete`` (remove matching target rows), ``full_merge`` (the target becomes the
     source). ``data``: a Table, RecordBatchReader, Dataset, ChunkStream, path/URL of Parquet
     files, or an iterable of batches. ``path`` is stripped of its protocol for ``fs`` (when
-    ``fs`` is None it is resolved from the URL). A missing target is an empty dataset.
+    ``fs`` is None it is resolved from the URL with ``storage_options``). A path or URL source
+    of the target's protocol is read through the target's filesystem, one of another protocol
+    with ``storage_options``. A missing target is an empty dataset.
 
     Memory: ``merge_max_memory_mb`` (PyArrow), ``merge_max_process_memory_mb`` (RSS) and
     ``merge_min_system_available_mb`` drive a ``MemoryMonitor`` (or pass ``memory_monitor``)
@@ -66,7 +69,7 @@ def merge_dataset(
         options=options,
     )
     if fs is None:
-        fs, target = resolve_filesystem(path)
+        fs, target = resolve_filesystem(path, storage_options=storage_options)
     else:
         target = os.fspath(path)
-    return run_merge(data, target, fs, request)
+    return run_merge(data, target, fs, request, storage_options=storage_options)

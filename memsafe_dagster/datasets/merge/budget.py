@@ -16,7 +16,13 @@ of budgets: the guard classifies pressure against it, and every allowance below 
   batch, survivors, the row group being encoded, allocator slack) plus about 24 MB of its own
   (reader and writer state, the thread's allocator cache); the key index takes
   ``INDEX_BYTES_PER_KEY`` per source row. Files run at once only while that fits in 75 % of the
-  process budget (an explicit ``workers`` is a maximum too).
+  process budget (an explicit ``workers`` is a maximum too);
+- **object-store buffers**: on an object store every open file buffers blocks outside PyArrow
+  (``filesystem.block_bytes``): a writer about three at its peak (the part being filled, its
+  copy for the upload, the request body), a reader about three (the read-ahead block, the
+  pieces of a fetch and their join). Each file in flight has a reader and a writer open, and
+  the merge keeps a writer of new rows and a reader of the source open beside them: the
+  workers' share counts both.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ MIN_CHUNK_ROWS = 1_024
 WORKER_ROW_GROUPS = 8
 WORKER_OVERHEAD_BYTES = 24 * MiB
 WORKERS_SHARE = 0.75
+# Blocks an open file of an object store buffers at its peak (see the module docstring); a
+# file in flight has a reader and a writer open, and so do the insert sink and the source.
+WRITER_BLOCKS = 3
+READER_BLOCKS = 3
 # A floor above this share of the limit can never hold (the default 512 MB in a 512 MB pod).
 MAX_FLOOR_SHARE = 0.25
 SCALED_FLOOR_SHARE = 0.1
@@ -85,9 +95,12 @@ class MergeBudget:
     process_bytes: int
     index_bytes: int
     explicit_process_budget: bool
+    file_block_bytes: int = 0  # the block an open file of the target's filesystem buffers
 
     @classmethod
-    def of(cls, monitor: MemoryMonitor, options: MergeOptions) -> MergeBudget:
+    def of(
+        cls, monitor: MemoryMonitor, options: MergeOptions, *, file_block_bytes: int = 0
+    ) -> MergeBudget:
         pyarrow = int(monitor.max_pyarrow_mb * MiB)
         explicit = bool(monitor.max_process_memory_mb)
         if explicit:
@@ -106,6 +119,7 @@ class MergeBudget:
             process_bytes=process,
             index_bytes=index,
             explicit_process_budget=explicit,
+            file_block_bytes=max(0, int(file_block_bytes)),
         )
 
     @property
@@ -138,6 +152,11 @@ class MergeBudget:
         allowance = self.pyarrow_bytes * ROW_GROUP_SHARE / max(1, workers)
         return int(max(MIN_ROW_GROUP_ROWS, min(DEFAULT_ROW_GROUP_SIZE, allowance // row_bytes)))
 
+    @property
+    def open_files_bytes(self) -> int:
+        """What one reader and one writer open at once buffer outside PyArrow (object stores)."""
+        return (WRITER_BLOCKS + READER_BLOCKS) * self.file_block_bytes
+
     def affordable_workers(
         self,
         wanted: int,
@@ -148,11 +167,13 @@ class MergeBudget:
         current_rss_bytes: int,
     ) -> int:
         """Files processed at once: at most ``wanted``, as many as 75 % of the process budget
-        holds beside the key index and what the process already uses."""
+        holds beside the key index, the insert sink's and source's buffers and what the process
+        already uses."""
         if wanted <= 1:
             return wanted
         per_worker = WORKER_ROW_GROUPS * row_group_rows * (row_bytes or 64.0)
-        per_worker += WORKER_OVERHEAD_BYTES
+        per_worker += WORKER_OVERHEAD_BYTES + self.open_files_bytes
         index = source_rows * INDEX_BYTES_PER_KEY
         free = WORKERS_SHARE * self.process_bytes - current_rss_bytes - index
+        free -= self.open_files_bytes
         return int(max(1, min(wanted, free // per_worker)))

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 
 from memsafe_dagster.datasets.commit import crash_point
+from memsafe_dagster.datasets.filesystem import block_bytes
 from memsafe_dagster.datasets.keys import KeyCodec, check_key_type
 from memsafe_dagster.datasets.merge.budget import MergeBudget, merge_monitor
 from memsafe_dagster.datasets.merge.context import Matched, MergeRun
@@ -56,9 +59,12 @@ def run_merge(
     target: str | MergeTarget,
     fs: fsspec.AbstractFileSystem | None,
     request: MergeRequest,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> MergeResult:
     """Merge ``data`` into ``target`` as ``request`` says: a ``MergeTarget``, or the path of a
-    Parquet dataset directory on ``fs``."""
+    Parquet dataset directory on ``fs``. A path or URL source of the target's protocol is read
+    through the target's filesystem; one of another protocol with ``storage_options``."""
     if isinstance(target, str):
         if fs is None:
             raise ValueError("run_merge: a target path needs its filesystem")
@@ -75,13 +81,18 @@ def run_merge(
     with merge_memory_pool(options.memory_pool), guard:
         guard.check("validation")
         with timed(result.phases_s, "open"):
-            source = open_source(data, chunk_rows=request.chunk_rows, filesystem=target.fs)
+            source = open_source(
+                data,
+                chunk_rows=request.chunk_rows,
+                filesystem=target.fs,
+                storage_options=storage_options,
+            )
         try:
             with target.open(f"merge:{request.strategy}", options) as write:
                 result.txn = write.txn
                 _run_locked(
                     request,
-                    MergeBudget.of(monitor, options),
+                    MergeBudget.of(monitor, options, file_block_bytes=block_bytes(target.fs)),
                     target,
                     guard,
                     write,
