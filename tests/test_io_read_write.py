@@ -298,6 +298,7 @@ def test_merge_forwards_everything_by_name(
         "memory_monitor": monitor,
         "on_duplicate_keys": "last",
         "row_group_size": 4_096,
+        "storage_options": io.storage_options,  # for a source given as a URL
     }
 
 

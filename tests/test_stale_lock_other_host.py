@@ -27,6 +27,7 @@ import uuid
 import pyarrow as pa
 import pytest
 import s3_helpers
+from merge_helpers import leftover_state
 from s3_helpers import new_bucket, storage_options
 
 from memsafe_dagster.datasets import DatasetLockedError, PyarrowDatasetIO
@@ -110,10 +111,9 @@ def _rows(io: PyarrowDatasetIO, url: str) -> list[tuple[int, str]]:
 
 
 def _state_files(io: PyarrowDatasetIO, url: str) -> list[str]:
-    """What is left under ``_memsafe`` besides the commit log (the dataset's history)."""
+    """What is left under ``_memsafe`` besides the dataset's history (log and trash)."""
     fs, target = io.resolve(url)
-    state = f"{target.rstrip('/')}/_memsafe"
-    return [p for p in (fs.find(state) if fs.exists(state) else []) if "/log/" not in p]
+    return leftover_state(target, fs)
 
 
 def _check(io: PyarrowDatasetIO, url: str, options: dict, caplog, trials: int) -> None:

@@ -27,6 +27,8 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+from memsafe_dagster.datasets import python_files
+
 PathLike = str | os.PathLike[str]
 
 MiB = 1024 * 1024
@@ -144,7 +146,7 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
 
     if isinstance(fs, ArrowFSWrapper):
         return fs.fs
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return python_files.wrap(fs)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

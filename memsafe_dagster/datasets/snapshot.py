@@ -51,6 +51,7 @@ from memsafe_dagster.datasets.filesystem import (
     is_local,
     join,
 )
+from memsafe_dagster.datasets.python_files import python_file
 
 SNAPSHOT_TIMEOUT_S = 5.0
 
@@ -328,7 +329,7 @@ class SnapshotHandler(pafs.FileSystemHandler):
         handle, where = self._open_entry(entry)
         if self.local:
             return handle  # an open file survives the rename to the trash
-        return pa.PythonFile(_Reopening(self, entry, handle, where), mode="r")
+        return python_file(_Reopening(self, entry, handle, where), mode="r")
 
     def _open_entry(self, entry: SnapshotFile) -> tuple[pa.NativeFile, str]:
         for _ in range(3):  # a file may move between two of the places tried: try again
