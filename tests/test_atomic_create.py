@@ -166,14 +166,8 @@ def test_local_disk_one_winner(tmp_path):
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    mp = pytest.MonkeyPatch()
-    for k, v in s3_helpers.AWS_ENV.items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    server, url = s3_helpers.start_server()
-    yield url
-    server.stop()
-    mp.undo()
+    with s3_helpers.loopback_s3() as url:
+        yield url
 
 
 def test_s3_one_winner(s3_endpoint):

@@ -62,14 +62,8 @@ def test_the_exit_wait_gives_up_on_a_file_the_program_still_holds() -> None:
 
 @pytest.fixture(scope="module")
 def endpoint():
-    mp = pytest.MonkeyPatch()
-    for k, v in s3_helpers.AWS_ENV.items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    server, url = s3_helpers.start_server()
-    yield url
-    server.stop()
-    mp.undo()
+    with s3_helpers.loopback_s3() as url:
+        yield url
 
 
 def test_scripts_that_read_from_s3_exit_with_status_zero(endpoint: str) -> None:

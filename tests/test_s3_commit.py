@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import time
 
-import pyarrow as pa
 import pytest
 import s3_helpers
 from s3_helpers import new_bucket, s3fs_for, storage_options
@@ -31,28 +30,15 @@ CTX = multiprocessing.get_context("fork")
 
 @pytest.fixture(scope="module")
 def endpoint():
-    mp = pytest.MonkeyPatch()
-    for k, v in s3_helpers.AWS_ENV.items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    server, url = s3_helpers.start_server()
-    yield url
-    server.stop()
-    mp.undo()
+    with s3_helpers.loopback_s3() as url:
+        yield url
 
 
 def _io(endpoint: str) -> PyarrowDatasetIO:
     return PyarrowDatasetIO(storage_options=storage_options(endpoint))
 
 
-def _table(keys, value) -> pa.Table:
-    keys = list(keys)
-    return pa.table({"k": pa.array(keys, pa.int64()), "v": pa.array([value] * len(keys))})
-
-
-def _rows(io: PyarrowDatasetIO, url: str) -> list[tuple[int, str]]:
-    t = io.read(url)
-    return sorted(zip(t.column("k").to_pylist(), t.column("v").to_pylist(), strict=True))
+_table, _rows = s3_helpers.kv_table, s3_helpers.kv_rows
 
 
 def test_every_strategy_on_s3(endpoint):
@@ -262,30 +248,8 @@ def test_cli_merge_and_recover_on_s3_with_storage_options(endpoint, tmp_path):
 
 
 def test_the_readme_s3_example_runs(endpoint, tmp_path):
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    [example] = [
-        b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "MEMSAFE_BUCKET" in b
-    ]
-    env = {
-        **os.environ,
-        **s3_helpers.AWS_ENV,
-        "AWS_ENDPOINT_URL": endpoint,
-        "MEMSAFE_BUCKET": new_bucket(endpoint),
-        "MEMSAFE_MEMORY_LIMIT": "4g",
-    }
-    run = subprocess.run(
-        [sys.executable, "-c", example],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = {"MEMSAFE_BUCKET": new_bucket(endpoint), "MEMSAFE_MEMORY_LIMIT": "4g"}
+    run = s3_helpers.run_readme_block(endpoint, "MEMSAFE_BUCKET", env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines()[-1] == "3"
 

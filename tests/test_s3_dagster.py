@@ -45,17 +45,10 @@ ENDPOINT_VAR, KEY_VAR, SECRET_VAR = "MEMSAFE_S3_ENDPOINT", "MEMSAFE_S3_KEY", "ME
 
 @pytest.fixture(scope="module")
 def endpoint():
-    mp = pytest.MonkeyPatch()
-    for k, v in s3_helpers.AWS_ENV.items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
     # Whatever is not told where S3 is fails fast rather than reaching AWS.
-    mp.setenv("AWS_ENDPOINT_URL", DEAD_ENDPOINT)
-    mp.setenv("AWS_MAX_ATTEMPTS", "1")
-    server, url = s3_helpers.start_server()
-    yield url
-    server.stop()
-    mp.undo()
+    dead = {"AWS_ENDPOINT_URL": DEAD_ENDPOINT, "AWS_MAX_ATTEMPTS": "1"}
+    with s3_helpers.loopback_s3(dead) as url:
+        yield url
 
 
 @pytest.fixture
@@ -386,34 +379,10 @@ def _options():
 
 
 def test_the_readme_io_manager_example_runs_on_s3(endpoint, tmp_path):
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    [example] = [
-        b
-        for b in re.findall(r"```python\n(.*?)```", readme, re.S)
-        if "ChunkedParquetIOManager(" in b and "MEMSAFE_LAKE" in b
-    ]
     bucket = new_bucket(endpoint)
-    env = {
-        **os.environ,
-        **s3_helpers.AWS_ENV,
-        "AWS_ENDPOINT_URL": endpoint,
-        "MEMSAFE_LAKE": f"s3://{bucket}/lake",
-        "DAGSTER_HOME": str(tmp_path),
-        # This checkout's package, as the tests import it.
-        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("AWS_MAX_ATTEMPTS", None)
-    run = subprocess.run(
-        [sys.executable, "-c", example],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    env = {"MEMSAFE_LAKE": f"s3://{bucket}/lake", "DAGSTER_HOME": str(tmp_path)}
+    run = s3_helpers.run_readme_block(
+        endpoint, "ChunkedParquetIOManager(", "MEMSAFE_LAKE", env=env, cwd=tmp_path
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.splitlines()[-1] == "True"

@@ -435,14 +435,8 @@ def test_the_snapshot_filesystem_keeps_local_reads_native(local: Where) -> None:
 @pytest.fixture(scope="module")
 def endpoint():
     s3_helpers = pytest.importorskip("s3_helpers")
-    mp = pytest.MonkeyPatch()
-    for k, v in s3_helpers.AWS_ENV.items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    server, url = s3_helpers.start_server()
-    yield url
-    server.stop()
-    mp.undo()
+    with s3_helpers.loopback_s3() as url:
+        yield url
 
 
 @pytest.fixture

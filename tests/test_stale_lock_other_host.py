@@ -24,7 +24,6 @@ import sys
 import time
 import uuid
 
-import pyarrow as pa
 import pytest
 import s3_helpers
 from merge_helpers import leftover_state
@@ -100,14 +99,7 @@ class OtherHostWriter:
         self.proc.wait(timeout=10)
 
 
-def _table(keys, value) -> pa.Table:
-    keys = list(keys)
-    return pa.table({"k": pa.array(keys, pa.int64()), "v": pa.array([value] * len(keys))})
-
-
-def _rows(io: PyarrowDatasetIO, url: str) -> list[tuple[int, str]]:
-    t = io.read(url)
-    return sorted(zip(t.column("k").to_pylist(), t.column("v").to_pylist(), strict=True))
+_table, _rows = s3_helpers.kv_table, s3_helpers.kv_rows
 
 
 def _state_files(io: PyarrowDatasetIO, url: str) -> list[str]:
@@ -159,14 +151,8 @@ def test_a_dead_writer_on_another_host_local_disk(tmp_path, caplog):
 
 @pytest.fixture(scope="module")
 def endpoint():
-    mp = pytest.MonkeyPatch()
-    for k, v in s3_helpers.AWS_ENV.items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    server, url = s3_helpers.start_server()
-    yield url
-    server.stop()
-    mp.undo()
+    with s3_helpers.loopback_s3() as url:
+        yield url
 
 
 def test_a_dead_writer_on_another_host_s3(endpoint, caplog):

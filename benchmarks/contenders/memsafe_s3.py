@@ -12,7 +12,8 @@ and its prefix deleted, so the server's memory does not grow from run to run. Pe
 the whole process, uploads and downloads included (they stream file by file).
 
 ``--block-size-mb`` sets s3fs's ``default_block_size`` (the buffer of every file it opens for
-writing and its read-ahead block; s3fs's default is 50 MB) in the merge's ``storage_options``.
+writing and its read-ahead block; s3fs's default is 50 MB, memsafe's 8 MiB) in the merge's
+``storage_options``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-size-mb",
         type=float,
-        help="s3fs default_block_size for the merge's files (default: s3fs's own, 50 MB)",
+        help="s3fs default_block_size for the merge's files (default: memsafe's, 8 MiB)",
     )
 
 

@@ -1,7 +1,19 @@
-"""Cheap readings of this process's memory: current RSS and the kernel's RSS high-water mark."""
+"""Cheap readings of this process's memory (current RSS, the kernel's RSS high-water mark),
+and a heap that hands large blocks back to the kernel.
+
+glibc's malloc serves a large allocation with its own ``mmap`` (returned to the kernel on free)
+only above a threshold that it raises, up to 32 MiB, each time such a block is freed: after
+the first few multi-MB buffers (s3fs blocks, Python bytes of a file part, PyArrow system
+allocations) it serves them from its arenas, where a freed block in the middle of a heap stays
+resident. The kernel kills on RSS. ``bound_heap`` pins the threshold at ``MMAP_THRESHOLD``
+(``mallopt(M_MMAP_THRESHOLD)``), so large buffers come and go with the kernel; elsewhere
+(musl, macOS) it does nothing. ``MEMSAFE_MALLOC_TUNING=0`` leaves malloc as it is.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 import sys
@@ -38,3 +50,31 @@ def peak_rss_bytes() -> int | None:
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is KiB on Linux and bytes on macOS.
     return int(maxrss if sys.platform == "darwin" else maxrss * 1024) or None
+
+
+#: Allocations from this size on are mapped (and unmapped on free) by the kernel.
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_bounded: bool | None = None
+
+
+def bound_heap() -> bool:
+    """Pin glibc's mmap threshold at ``MMAP_THRESHOLD`` (once per process; see the module
+    docstring); False where it is not glibc or ``MEMSAFE_MALLOC_TUNING=0``."""
+    global _bounded
+    if _bounded is None:
+        _bounded = False
+        name = ctypes.util.find_library("c")
+        tuning = os.environ.get("MEMSAFE_MALLOC_TUNING", "1") != "0"
+        if tuning and sys.platform.startswith("linux") and name:
+            try:
+                libc = ctypes.CDLL(name)
+                libc.gnu_get_libc_version  # noqa: B018  (present in glibc only)
+                libc.mallopt.argtypes, libc.mallopt.restype = (
+                    [ctypes.c_int, ctypes.c_int],
+                    ctypes.c_int,
+                )
+                _bounded = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            except (OSError, AttributeError):
+                _bounded = False
+    return _bounded

@@ -35,7 +35,7 @@ from memsafe_dagster.memory import (
     PeakWindow,
     SamplingRequest,
 )
-from memsafe_dagster.memory.process import current_rss_bytes
+from memsafe_dagster.memory.process import bound_heap, current_rss_bytes
 from memsafe_dagster.memory.window import WindowPeaks
 
 NORMAL = MemoryPressureLevel.NORMAL
@@ -95,6 +95,7 @@ class MergeGuard(WindowPeaks):
     # -- the window -------------------------------------------------------------------------
 
     def __enter__(self) -> MergeGuard:
+        bound_heap()  # large buffers go back to the kernel when freed (memory.process)
         self.window = PeakWindow(self.monitor)
         reading, _level = self.monitor.sample()
         self.start_rss = reading.rss_bytes
