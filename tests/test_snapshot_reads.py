@@ -329,6 +329,20 @@ def test_a_commit_landing_during_the_listing_is_listed_again(
     assert states_of(local.plain_dataset().to_table()) is None  # control: the listing is torn
 
 
+def test_a_writer_plans_only_on_the_version_it_read(local: Where) -> None:
+    # A writer whose lock was broken mid-run (a stalled pod past its lease) must not plan on
+    # a listing of another writer's version: base_files refuses, the fence alone would not
+    # see a plan made from a listing taken after the other commit.
+    txn = commit.DatasetTransaction(local.fs, local.path, operation="merge")
+    with txn:
+        planned = snapshot_module.base_files(txn)  # positive control: the version it read
+        assert planned == list(snapshot_module.snapshot(local.fs, local.path).files)
+        local.fs.rm_file(txn.lock.path)  # the lock is broken; another writer commits
+        local.io.write_dataset(_table([BASE + 1], 9), local.url, mode="append")
+        with pytest.raises(CommitConflictError, match="landed while this merge started"):
+            snapshot_module.base_files(txn)
+
+
 def states_of(table: pa.Table) -> int | None:
     return _states(1).get(_fingerprint(table))
 
