@@ -38,7 +38,7 @@ from importlib import metadata
 
 import fsspec
 
-from memsafe_dagster.datasets.filesystem import is_local
+from memsafe_dagster.datasets.filesystem import is_local, protocols
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ MIN_VERSIONS = {"s3fs": (2024, 12), "gcsfs": (2024, 12), "adlfs": (2024, 12)}
 _warned_no_exclusive: set[str] = set()
 _capable: dict[str, bool] = {}
 _zonal_buckets: dict[str, bool] = {}  # GCS bucket names are global
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 
 
 def _version_at_least(dist: str, minimum: tuple[int, int]) -> bool:
@@ -77,14 +73,14 @@ def _botocore_has_if_none_match() -> bool:
 
 def _library(fs: fsspec.AbstractFileSystem) -> str | None:
     """The distribution whose ``mode="create"`` this filesystem would use, if any."""
-    protocols = _protocols(fs)
+    names = protocols(fs)
     modules = {cls.__module__.split(".")[0] for cls in type(fs).__mro__}
     for dist, known in (
         ("s3fs", S3_PROTOCOLS),
         ("gcsfs", GCS_PROTOCOLS),
         ("adlfs", AZURE_PROTOCOLS),
     ):
-        if dist in modules and any(p in known for p in protocols):
+        if dist in modules and any(p in known for p in names):
             return dist
     return None
 

@@ -28,10 +28,10 @@ import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
 from memsafe_dagster.datasets import python_files
+from memsafe_dagster.memory.sizes import MiB
 
 PathLike = str | os.PathLike[str]
 
-MiB = 1024 * 1024
 #: Block size of S3 files unless the storage options set one: a multipart part (S3's minimum
 #: is 5 MiB) and the read-ahead of a reader.
 OBJECT_STORE_BLOCK_SIZE = 8 * MiB
@@ -124,7 +124,7 @@ def block_bytes(fs: fsspec.AbstractFileSystem) -> int:
     An object store's writer or reader holds up to about three of them at once (see
     ``merge.budget``).
     """
-    if is_local(fs) or "memory" in _protocols(fs):
+    if is_local(fs) or "memory" in protocols(fs):
         return 0
     for attribute in ("default_block_size", "blocksize", "block_size"):
         value = getattr(fs, attribute, None)
@@ -133,7 +133,8 @@ def block_bytes(fs: fsspec.AbstractFileSystem) -> int:
     return 0
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    """The protocol names ``fs`` answers to (``("s3", "s3a")``, ``("file", "local")``)."""
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 

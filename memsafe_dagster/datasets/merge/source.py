@@ -19,6 +19,7 @@ from typing import Any
 
 import fsspec
 
+from memsafe_dagster.datasets.filesystem import protocols
 from memsafe_dagster.datasets.source import TabularSource, tabular_source
 
 
@@ -60,13 +61,8 @@ def source_filesystem(
         paths = data
     else:
         return target_fs
-    protocols = {fsspec.core.split_protocol(os.fspath(p))[0] for p in paths}
-    own = _protocols(target_fs)
-    if all(p is None or p in own for p in protocols):
+    wanted = {fsspec.core.split_protocol(os.fspath(p))[0] for p in paths}
+    own = protocols(target_fs)
+    if all(p is None or p in own for p in wanted):
         return target_fs
     return None
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
