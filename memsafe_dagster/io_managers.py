@@ -64,7 +64,7 @@ from memsafe_dagster.datasets.filesystem import (
     options_for,
 )
 from memsafe_dagster.datasets.parquet import check_compression
-from memsafe_dagster.datasets.snapshot import Snapshot, snapshot, snapshot_filesystem
+from memsafe_dagster.datasets.snapshot import Snapshot, as_dataset, snapshot
 from memsafe_dagster.datasets.source import is_tabular
 from memsafe_dagster.datasets.stream import ChunkStream
 from memsafe_dagster.datasets.writer import ChunkedParquetWriter
@@ -336,10 +336,7 @@ class ChunkedParquetIOManager(dg.ConfigurableIOManager, UPathIOManager):
 
     def _load(self, context: InputContext, kind: str, snapshots: list[Snapshot]) -> Any:
         """The snapshots' files as one dataset, opened where each file is now."""
-        files = [f for snap in snapshots for f in snap.files]
-        afs = snapshot_filesystem(snapshots[0].fs, snapshots) if snapshots else None
-        dataset = ds.dataset(files, filesystem=afs, format="parquet")
-        return self._load_dataset(context, kind, dataset)
+        return self._load_dataset(context, kind, as_dataset(snapshots))
 
     def _load_dataset(self, context: InputContext, kind: str, dataset: ds.Dataset) -> Any:
         definition = context.definition_metadata or {}

@@ -191,7 +191,7 @@ def trash_path(target: str, version: int, relative: str = "") -> str:
     return join(base, relative) if relative else base
 
 
-def _versioned(fs: fsspec.AbstractFileSystem, directory: str, *, detail: bool) -> dict[int, Any]:
+def versioned(fs: fsspec.AbstractFileSystem, directory: str, *, detail: bool) -> dict[int, Any]:
     """``{version: listing entry}`` of the ``NNN...`` (or ``NNN.json``) names in ``directory``."""
     fs.invalidate_cache(directory)
     try:
@@ -209,11 +209,12 @@ def _versioned(fs: fsspec.AbstractFileSystem, directory: str, *, detail: bool) -
 
 def latest_version(fs: fsspec.AbstractFileSystem, target: str) -> int:
     """The latest committed log version of ``target`` (0: no memsafe commit yet)."""
-    versions = _versioned(fs, join(target.rstrip("/"), STATE_DIR, LOG_DIR), detail=False)
+    versions = versioned(fs, join(target.rstrip("/"), STATE_DIR, LOG_DIR), detail=False)
     return max(versions, default=0)
 
 
-def _log_entry(fs: fsspec.AbstractFileSystem, target: str, version: int) -> dict[str, Any]:
+def log_entry(fs: fsspec.AbstractFileSystem, target: str, version: int) -> dict[str, Any]:
+    """The log entry of ``version`` ({} when it is missing or torn)."""
     try:
         return json.loads(fs.cat_file(log_path(target, version)))
     except (FileNotFoundError, ValueError):
@@ -709,7 +710,7 @@ def _recover_locked(fs: fsspec.AbstractFileSystem, target: str) -> RecoveryRepor
                 record = CommitRecord.from_json(fs.cat_file(path), path)
                 if (
                     record.log_version is not None
-                    and _log_entry(fs, target, record.log_version).get("txn") != record.txn
+                    and log_entry(fs, target, record.log_version).get("txn") != record.txn
                 ):
                     # Recorded but never committed (killed before, or lost the race for, its
                     # log entry): the dataset is as before; drop the record and its staging.
@@ -753,7 +754,7 @@ def clean_history(
     retention = retention_s() if retention is None else retention
     keep_versions = LOG_KEEP_VERSIONS if keep_versions is None else keep_versions
     now = time.time() if now is None else now
-    entries = _versioned(fs, join(target, STATE_DIR, LOG_DIR), detail=True)
+    entries = versioned(fs, join(target, STATE_DIR, LOG_DIR), detail=True)
     latest = max(entries, default=0)
 
     def age(version: int) -> float:
@@ -762,11 +763,11 @@ def clean_history(
             return float("inf")  # its log entry went: older than the retention
         stamp = _mtime(entry)
         if stamp is None:
-            stamp = float(_log_entry(fs, target, version).get("created_at", 0.0))
+            stamp = float(log_entry(fs, target, version).get("created_at", 0.0))
         return now - stamp
 
     trashed = []
-    for version in sorted(_versioned(fs, join(target, STATE_DIR, TRASH_DIR), detail=False)):
+    for version in sorted(versioned(fs, join(target, STATE_DIR, TRASH_DIR), detail=False)):
         if age(version) > retention:
             _remove_tree(fs, trash_path(target, version))
             trashed.append(version)

@@ -179,7 +179,14 @@ def data_file_infos(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict[
         return {}
     if fs.isfile(path):
         return {path: {"name": path}}
-    base = path.rstrip("/")
+    return directory_file_infos(fs, path)
+
+
+def directory_file_infos(
+    fs: fsspec.AbstractFileSystem, directory: str
+) -> dict[str, dict[str, Any]]:
+    """``data_file_infos`` of a path already known to be a directory (no existence checks)."""
+    base = directory.rstrip("/")
     fs.invalidate_cache(base)
     files = {}
     for found, info in fs.find(base, detail=True).items():

@@ -86,8 +86,6 @@ class PyarrowDatasetIO:
         """
         if isinstance(path, (str, os.PathLike)):
             fs, stripped = self.resolve(path)
-            if not fs.exists(stripped):
-                raise FileNotFoundError(f"no dataset at {os.fspath(path)!r}")
             return open_dataset(stripped, filesystem=fs, format=format, partitioning=partitioning)
         return open_dataset(
             list(path),

@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
@@ -46,12 +46,15 @@ import pyarrow.fs as pafs
 from memsafe_dagster.datasets import commit
 from memsafe_dagster.datasets.filesystem import (
     arrow_filesystem,
-    data_file_infos,
+    directory_file_infos,
     is_hidden,
     is_local,
     join,
 )
 from memsafe_dagster.datasets.python_files import python_file
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds  # imported where used: it loads pandas when installed
 
 SNAPSHOT_TIMEOUT_S = 5.0
 
@@ -82,10 +85,31 @@ class Snapshot:
     files: tuple[str, ...]
     entries: dict[str, SnapshotFile] = field(default_factory=dict, repr=False)
     attempts: int = 1
+    kind: str = "directory"  # or "file" (just that file) or "missing" (no files)
 
     def arrow_filesystem(self) -> pafs.FileSystem:
         """A PyArrow filesystem that opens this snapshot's files (``snapshot_filesystem``)."""
         return snapshot_filesystem(self.fs, [self])
+
+
+def as_dataset(
+    snapshots: Sequence[Snapshot], *, format: str = "parquet", partitioning: Any = None
+) -> ds.Dataset:
+    """The files of ``snapshots`` (of one filesystem) as one ``pyarrow.dataset.Dataset`` that
+    opens each where it is now; ``partitioning`` is relative to a single snapshot's root."""
+    import pyarrow.dataset as ds
+
+    if not snapshots:
+        return ds.dataset([], format=format)  # nothing to read (every partition missing)
+    files = [f for snap in snapshots for f in snap.files]
+    base = snapshots[0].path if partitioning is not None and len(snapshots) == 1 else None
+    return ds.dataset(
+        files,
+        filesystem=snapshot_filesystem(snapshots[0].fs, snapshots),
+        format=format,
+        partitioning=partitioning,
+        partition_base_dir=base,
+    )
 
 
 def snapshot(
@@ -94,9 +118,9 @@ def snapshot(
     """A consistent listing of the dataset (or single file) at ``path`` (module docstring)."""
     path = path.rstrip("/") or path
     if not fs.exists(path):
-        return Snapshot(fs, path, 0, ())
+        return Snapshot(fs, path, 0, (), kind="missing")
     if fs.isfile(path):
-        return Snapshot(fs, path, 0, (path,))
+        return Snapshot(fs, path, 0, (path,), kind="file")
     deadline = time.monotonic() + timeout_s
     delay = 0.005
     attempts = 0
@@ -105,7 +129,7 @@ def snapshot(
         attempts += 1
         v1 = commit.latest_version(fs, path)
         records = _committed_records(fs, path, v1)
-        infos = data_file_infos(fs, path)
+        infos = directory_file_infos(fs, path)
         v2 = commit.latest_version(fs, path)
         if v1 == v2:
             return _build(fs, path, v1, records, infos, attempts)
@@ -188,7 +212,7 @@ def _committed_records(
         if record.log_version is None:
             records.append(record)
         elif record.log_version == version:
-            entry = commit._log_entry(fs, target, record.log_version)
+            entry = commit.log_entry(fs, target, record.log_version)
             if entry.get("txn") == record.txn:
                 records.append(record)
     return records
@@ -377,7 +401,7 @@ class SnapshotHandler(pafs.FileSystemHandler):
                 return []
             versions = [int(n) for n in names if n.isdigit()]
         else:
-            versions = list(commit._versioned(self.fs, directory, detail=False))
+            versions = list(commit.versioned(self.fs, directory, detail=False))
         later = sorted(v for v in versions if v > entry.version)
         return later + ([0] if 0 in versions and entry.version > 0 else [])
 

@@ -48,7 +48,12 @@ from memsafe_dagster.datasets.reader import (
     row_bytes,
     rows_for_bytes,
 )
-from memsafe_dagster.datasets.snapshot import is_local_arrow, snapshot, snapshot_filesystem
+from memsafe_dagster.datasets.snapshot import (
+    as_dataset,
+    is_local_arrow,
+    snapshot,
+    snapshot_filesystem,
+)
 from memsafe_dagster.datasets.stream import ChunkStream
 
 if TYPE_CHECKING:
@@ -657,17 +662,13 @@ def open_dataset(
         return source  # type: ignore[return-value]
     if isinstance(source, (str, os.PathLike)):
         fs, path = resolve_filesystem(source, filesystem, storage_options)
-        if fs.isdir(path):
-            # A snapshot, not pyarrow's own listing: exactly the before or the after state of
-            # a commit running meanwhile (see ``snapshot``).
-            snap = snapshot(fs, path)
-            return ds.dataset(
-                list(snap.files),
-                filesystem=snap.arrow_filesystem(),
-                format=format,
-                partitioning=partitioning,
-                partition_base_dir=snap.path if partitioning is not None else None,
-            )
+        # A snapshot, not pyarrow's own listing: exactly the before or the after state of a
+        # commit running meanwhile (see ``snapshot``).
+        snap = snapshot(fs, path)
+        if snap.kind == "missing":
+            raise FileNotFoundError(f"no dataset at {os.fspath(source)!r}")
+        if snap.kind == "directory":
+            return as_dataset([snap], format=format, partitioning=partitioning)
         target: str | list[str] = path
     else:
         paths = list(source)  # type: ignore[arg-type]
